@@ -1,0 +1,236 @@
+"""Small real problems with no download: bundled digits, generated regression and toys.
+
+Every problem is deterministic given its seed and returns tensors in torch's default dtype
+(or ``dtype``) on the requested device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Activation = Literal["tanh", "relu", "sigmoid", "identity"]
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A supervised problem: training and test tensors and the loss that defines it.
+
+    ``theta_star`` holds the true parameters of generated problems (``None`` for real data).
+    """
+
+    name: str
+    X_train: Tensor
+    y_train: Tensor
+    X_test: Tensor
+    y_test: Tensor
+    loss_fn: nn.Module
+    theta_star: Tensor | None = None
+
+
+def _generator(seed: int) -> torch.Generator:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+    return torch.Generator().manual_seed(seed)
+
+
+def _resolve(dtype: torch.dtype | None, device: torch.device | str | None):
+    return dtype or torch.get_default_dtype(), torch.device(device or "cpu")
+
+
+def _split(n: int, test_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
+    order = torch.randperm(n, generator=generator)
+    n_test = round(n * test_fraction)
+    return order[n_test:], order[:n_test]
+
+
+def _digits_arrays() -> tuple[Tensor, Tensor]:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+
+    data = load_digits()
+    return torch.from_numpy(data.data), torch.from_numpy(data.target)
+
+
+def digits(
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Problem:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes) as classification.
+
+    Pixels are standardised with the training set's mean and standard deviation (pixels that
+    are constant on the training set are only centred). Loss: mean cross-entropy.
+    """
+    dtype, device = _resolve(dtype, device)
+    images, labels = _digits_arrays()
+    train, test = _split(len(labels), test_fraction, _generator(seed))
+    images = images.to(torch.float64)
+    mean, std = images[train].mean(0), images[train].std(0)
+    standardised = (images - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    X = standardised.to(dtype=dtype, device=device)
+    y = labels.to(device=device)
+    return Problem("digits", X[train], y[train], X[test], y[test], nn.CrossEntropyLoss())
+
+
+def digits_autoencoder(
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    scale: Literal["unit", "standardize"] = "unit",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Problem:
+    """The digits as an autoencoder task: targets are the inputs.
+
+    ``scale="unit"`` maps pixels to [0, 1] (pixel / 16) with a Bernoulli likelihood
+    (``BCEWithLogitsLoss``), as in Martens & Grosse (2015, §13); ``"standardize"`` uses the
+    standardised pixels of :func:`digits` with ``MSELoss``.
+    """
+    if scale == "unit":
+        dtype, device = _resolve(dtype, device)
+        images, labels = _digits_arrays()
+        train, test = _split(len(labels), test_fraction, _generator(seed))
+        X = (images / 16.0).to(dtype=dtype, device=device)
+        loss_fn: nn.Module = nn.BCEWithLogitsLoss()
+    elif scale == "standardize":
+        base = digits(seed, test_fraction, dtype, device)
+        X = torch.cat([base.X_train, base.X_test])
+        train = torch.arange(len(base.X_train))
+        test = torch.arange(len(base.X_train), len(X))
+        loss_fn = nn.MSELoss()
+    else:
+        raise ValueError(f"scale {scale!r} is not supported; use 'unit' or 'standardize'.")
+    return Problem("digits-autoencoder", X[train], X[train], X[test], X[test], loss_fn)
+
+
+def kunstner_linear_regression(
+    seed: int = 0,
+    n: int = 1000,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Problem:
+    """The linear-regression data of Kunstner, Balles & Hennig (2019, Fig. 1).
+
+    :math:`x_n = (1, z_n)` with :math:`z_n \\sim \\mathrm{LogNormal}(0, 0.75)`,
+    :math:`y_n = x_n^\\top \\theta^* + \\varepsilon_n`, :math:`\\theta^* = (2, 2)`,
+    :math:`\\varepsilon_n \\sim \\mathcal{N}(0, 1)`. Loss: ``MSELoss()`` (mean), the Gaussian
+    negative log-likelihood up to an affine map. A test set of the same size is drawn
+    independently.
+    """
+    if n < 2:
+        raise ValueError(f"n must be at least 2, got {n}.")
+    dtype, device = _resolve(dtype, device)
+    generator = _generator(seed)
+    theta_star = torch.tensor([2.0, 2.0], dtype=torch.float64)
+
+    def draw() -> tuple[Tensor, Tensor]:
+        z = torch.exp(0.75 * torch.randn(n, generator=generator, dtype=torch.float64))
+        X = torch.stack([torch.ones(n, dtype=torch.float64), z], dim=1)
+        y = X @ theta_star + torch.randn(n, generator=generator, dtype=torch.float64)
+        return X.to(dtype=dtype, device=device), y.to(dtype=dtype, device=device)
+
+    (X_train, y_train), (X_test, y_test) = draw(), draw()
+    theta = theta_star.to(dtype=dtype, device=device)
+    return Problem(
+        "kunstner-linear-regression", X_train, y_train, X_test, y_test, nn.MSELoss(), theta
+    )
+
+
+def logistic_toy(
+    seed: int = 0,
+    n: int = 200,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Problem:
+    """Two-parameter logistic regression without bias, on anisotropic inputs.
+
+    :math:`x_n \\sim \\mathcal{N}(0, \\mathrm{diag}(1, 1/9))`, rotated by 30 degrees;
+    :math:`y_n \\sim \\mathrm{Bernoulli}(\\sigma(x_n^\\top \\theta^*))` with
+    :math:`\\theta^* = (1.5, -1)`. The ill-conditioned, correlated inputs make gradient
+    descent's path curve while the natural gradient's does not. Loss: mean
+    ``BCEWithLogitsLoss`` on the logit :math:`x^\\top\\theta`.
+    """
+    if n < 2:
+        raise ValueError(f"n must be at least 2, got {n}.")
+    dtype, device = _resolve(dtype, device)
+    generator = _generator(seed)
+    theta_star = torch.tensor([1.5, -1.0], dtype=torch.float64)
+    angle = math.pi / 6
+    rotation = torch.tensor(
+        [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]],
+        dtype=torch.float64,
+    )
+    scales = torch.tensor([1.0, 1.0 / 3.0], dtype=torch.float64)
+
+    def draw() -> tuple[Tensor, Tensor]:
+        X = (torch.randn(n, 2, generator=generator, dtype=torch.float64) * scales) @ rotation.T
+        p = torch.sigmoid(X @ theta_star)
+        y = torch.bernoulli(p, generator=generator)
+        return X.to(dtype=dtype, device=device), y.to(dtype=dtype, device=device)
+
+    (X_train, y_train), (X_test, y_test) = draw(), draw()
+    theta = theta_star.to(dtype=dtype, device=device)
+    return Problem("logistic-toy", X_train, y_train, X_test, y_test, nn.BCEWithLogitsLoss(), theta)
+
+
+PROBLEMS: dict[str, Callable[..., Problem]] = {
+    "digits": digits,
+    "digits-autoencoder": digits_autoencoder,
+    "kunstner-linear-regression": kunstner_linear_regression,
+    "logistic-toy": logistic_toy,
+}
+
+
+def load(name: str, **kwargs) -> Problem:
+    """Build a problem by name; ``kwargs`` go to its constructor (seed, dtype, device, ...)."""
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; supported: {', '.join(sorted(PROBLEMS))}.")
+    return PROBLEMS[name](**kwargs)
+
+
+def mlp(
+    sizes: Sequence[int],
+    activation: Activation = "tanh",
+    bias: bool = True,
+    seed: int | None = None,
+) -> nn.Sequential:
+    """A multilayer perceptron: ``Linear``, activation, ..., ``Linear`` with the given sizes.
+
+    No activation after the last layer (losses take logits). ``seed`` makes the
+    initialisation independent of the global generator.
+    """
+    if len(sizes) < 2 or any(not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"sizes must be at least two positive integers, got {list(sizes)}.")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"activation {activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+        )
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(d_in, d_out, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(_ACTIVATIONS[activation]())
+    model = nn.Sequential(*layers)
+    if seed is not None:
+        generator = _generator(seed)
+        with torch.no_grad():
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    bound = 1.0 / math.sqrt(layer.in_features)
+                    layer.weight.uniform_(-bound, bound, generator=generator)
+                    if layer.bias is not None:
+                        layer.bias.uniform_(-bound, bound, generator=generator)
+    return model

@@ -1,0 +1,72 @@
+"""Seeding, default dtype and device choice, shared by every notebook, test and benchmark."""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+DEVICE_VARIABLE = "NATLIB_DEVICE"
+_MAX_SEED = 2**32 - 1  # NumPy's legacy seeding accepts [0, 2**32 - 1]
+
+
+def device() -> torch.device:
+    """The device natlib computes on: CUDA when available, else the CPU.
+
+    The environment variable ``NATLIB_DEVICE`` (``cpu``, ``cuda`` or ``cuda:N``) overrides
+    the choice; asking for CUDA on a machine without a GPU is an error, not a silent fallback.
+    """
+    requested = os.environ.get(DEVICE_VARIABLE, "").strip()
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested != "cpu" and requested != "cuda" and not requested.startswith("cuda:"):
+        raise ValueError(
+            f"{DEVICE_VARIABLE}={requested!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'."
+        )
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{DEVICE_VARIABLE}={requested!r} asks for a GPU, but torch sees no CUDA device; "
+            f"set {DEVICE_VARIABLE}=cpu or unset it."
+        )
+    return torch.device(requested)
+
+
+def setup(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.device:
+    """Make a run reproducible and return the device to compute on.
+
+    Seeds Python's, NumPy's and torch's generators (CUDA included), sets torch's default
+    dtype, asks torch for deterministic algorithms where they exist, and installs the
+    book's figure style.
+
+    Args:
+        seed: an integer in ``[0, 2**32 - 1]``.
+        dtype: ``torch.float64`` (exactness checks) or ``torch.float32`` (speed).
+
+    Returns:
+        ``natlib.device()``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer in [0, {_MAX_SEED}], got {seed!r}.")
+    if not 0 <= seed <= _MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, {_MAX_SEED}], got {seed}.")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use torch.float32 or torch.float64.")
+    chosen = device()
+    random.seed(int(seed))
+    np.random.seed(int(seed))
+    torch.manual_seed(int(seed))
+    torch.set_default_dtype(dtype)
+    if chosen.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
+
+    from natlib.plotting import use_style  # matplotlib is loaded only when a run is set up
+
+    use_style()
+    return chosen

@@ -1,0 +1,55 @@
+"""Book-level checks on the stored notebooks that nbval cannot make itself.
+
+nbval compares the outputs of executed cells but silently accepts a cell that was never
+executed, so a notebook saved half-run would pass. These tests close that gap.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from natlib.notebooks import book_notebooks
+
+NOTEBOOKS = book_notebooks()
+
+
+def code_cells(path: Path) -> list[dict]:
+    return [cell for cell in json.loads(path.read_text())["cells"] if cell["cell_type"] == "code"]
+
+
+def test_the_book_has_notebooks():
+    assert NOTEBOOKS, "book/ holds no chapter notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_code_cell_was_executed_in_order(path):
+    counts = [cell["execution_count"] for cell in code_cells(path)]
+    assert counts, f"{path.name} has no code cell"
+    assert all(isinstance(c, int) for c in counts), (
+        f"{path.name}: cells {[i for i, c in enumerate(counts) if c is None]} were never "
+        "executed; run `python -m natlib notebooks` to re-execute it"
+    )
+    assert counts == list(range(1, len(counts) + 1)), (
+        f"{path.name}: execution counts {counts} are not 1, 2, 3, ... in order; re-execute it "
+        "top to bottom with `python -m natlib notebooks`"
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_first_cell_sets_up_natlib(path):
+    source = "".join(code_cells(path)[0]["source"])
+    assert "natlib.setup(" in source, f"{path.name}: the first code cell must call natlib.setup"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_error_outputs(path):
+    errors = [
+        i
+        for i, cell in enumerate(code_cells(path))
+        for output in cell.get("outputs", [])
+        if output["output_type"] == "error"
+    ]
+    assert not errors, f"{path.name}: code cells {errors} stored an error"
