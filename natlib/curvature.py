@@ -1,0 +1,430 @@
+r"""Exact curvature of a loss: dense Hessian, GGN and Fisher matrices, and their products.
+
+All matrices and vectors are indexed like ``parameters_to_vector(model.parameters())`` and
+belong to the loss exactly as ``loss_fn`` defines it, ``reduction`` included. With
+:math:`L(\theta) = r \sum_n \ell(f(x_n; \theta), y_n)` and :math:`J_n = \partial f_n / \partial
+\theta`:
+
+- Hessian :math:`H = \nabla^2_\theta L`,
+- generalised Gauss-Newton :math:`G = \sum_n J_n^\top (\nabla_f^2 L) J_n` (Schraudolph 2002;
+  Martens 2020, §8), with the output-space Hessian from autograd,
+- Fisher :math:`F = r \sum_n J_n^\top \mathbb{E}_{y \sim p(\cdot|f_n)}[g g^\top] J_n`,
+  :math:`g = \nabla_f \ell(f_n, y)`, which for these losses equals :math:`G`
+  (``kind="exact"``, from the closed form in :mod:`natlib.losses`); the Monte-Carlo Fisher
+  (``"mc"``) replaces the expectation by samples, the empirical Fisher (``"empirical"``) by
+  the data label (Kunstner et al., 2019).
+
+The GGN and the Fisher are Gram matrices :math:`M^\top M` of rows :math:`b^\top J_n`, computed
+per example with ``torch.func.vmap`` over ``vjp``; the matrix-free products use ``vjp`` only
+and never form a matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vjp, vmap
+from torch.nn.utils import parameters_to_vector
+
+from natlib.losses import Likelihood, likelihood
+
+Kind = Literal["exact", "mc", "empirical"]
+KINDS = ("exact", "mc", "empirical")
+Forward = Callable[[Tensor, Tensor], Tensor]
+Product = Callable[[Tensor], Tensor]
+
+_GRAM_LEAF = 1024  # column blocks at most this wide are multiplied as a whole
+_ROW_BUDGET = 2**26  # entries of the row matrix M formed at once (512 MiB in float64)
+_HESSIAN_CHUNK = 256  # Hessian columns computed per vectorised batch
+
+
+def flat_forward(model: nn.Module) -> tuple[Forward, Tensor]:
+    """The model as a function of its flat parameter vector.
+
+    Returns:
+        ``forward(theta, X)``, which calls ``model`` on ``X`` with parameters ``theta``
+        (through ``torch.func.functional_call``), and the current ``theta`` (detached).
+
+    Raises:
+        ValueError: if the model has no parameters or one of them does not require grad.
+    """
+    named = list(model.named_parameters())
+    if not named:
+        raise ValueError("the model has no parameters.")
+    frozen = [name for name, p in named if not p.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"parameters {frozen} do not require grad; curvature is defined over all "
+            "parameters, so set requires_grad=True or wrap the trainable part in its own module."
+        )
+    names = [name for name, _ in named]
+    shapes = [p.shape for _, p in named]
+    sizes = [p.numel() for _, p in named]
+    buffers = dict(model.named_buffers())
+
+    def forward(theta: Tensor, X: Tensor) -> Tensor:
+        chunks = theta.split(sizes)
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        return functional_call(model, (params, buffers), (X,))
+
+    return forward, parameters_to_vector(p for _, p in named).detach()
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A model, loss and batch, checked once and shared by every function below."""
+
+    forward: Forward
+    theta: Tensor
+    X: Tensor
+    y: Tensor | None
+    loss_fn: nn.Module
+    likelihood: Likelihood
+    output: Tensor  # (N, C), detached
+    raw_shape: torch.Size  # the model's own output shape
+    target: Tensor | None  # shaped to match ``output``
+
+    def outputs(self, theta: Tensor, X: Tensor) -> Tensor:
+        return self.likelihood.output_matrix(self.forward(theta, X))
+
+    def loss(self, theta: Tensor) -> Tensor:
+        return self.loss_fn(self.forward(theta, self.X), self.y)
+
+
+def _batch(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor | None) -> _Batch:
+    lik = likelihood(loss_fn)
+    forward, theta = flat_forward(model)
+    if y is not None and y.shape[:1] != X.shape[:1]:
+        raise ValueError(
+            f"X and y hold different numbers of examples: {X.shape[0]} and "
+            f"{y.shape[0] if y.ndim else 'a scalar'}."
+        )
+    with torch.no_grad():
+        raw = forward(theta, X)
+    if raw.ndim == 0 or raw.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"the model maps {X.shape[0]} examples to an output of shape {tuple(raw.shape)}; "
+            "it must keep the batch dimension first."
+        )
+    output = lik.output_matrix(raw)
+    _check_finite(output, "the model output")
+    target = None if y is None else lik.target_matrix(raw, y)
+    return _Batch(forward, theta, X, y, loss_fn, lik, output, raw.shape, target)
+
+
+def _check_finite(tensor: Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{what} contains NaN or Inf.")
+
+
+def _output_factor(
+    batch: _Batch, kind: Kind, mc_samples: int, generator: torch.Generator | None
+) -> Tensor:
+    r"""Cotangents :math:`b_{nk}` (``(N, K, C)``) with :math:`F = \sum_{nk} J_n^\top b_{nk}
+    b_{nk}^\top J_n`, the reduction factor included."""
+    lik, f = batch.likelihood, batch.output
+    r = lik.scale(f)
+    if kind == "exact":
+        return math.sqrt(r) * lik.hessian_factor(f).transpose(1, 2)
+    if kind == "mc":
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        samples = lik.sample(f, mc_samples, generator)
+        return math.sqrt(r / mc_samples) * lik.gradient(f, samples).transpose(0, 1)
+    if kind == "empirical":
+        if batch.target is None:
+            raise ValueError('kind="empirical" uses the data labels: pass y.')
+        return math.sqrt(r) * lik.gradient(f, batch.target).unsqueeze(1)
+    raise ValueError(f"kind {kind!r} is not supported; use one of {KINDS}.")
+
+
+def _ggn_output_factor(batch: _Batch) -> Tensor:
+    r"""As :func:`_output_factor` for the GGN: :math:`\nabla_f^2 L` by autograd and factored by
+    an eigendecomposition. The loss is a sum over examples, so one Hessian-vector product per
+    output coordinate :math:`c` (:math:`e_c` in every example) gives every example's block."""
+    if batch.y is None:
+        raise ValueError("the GGN needs the labels y to evaluate the loss.")
+    f = batch.output
+
+    def loss_of_output(g: Tensor) -> Tensor:
+        return batch.loss_fn(g.reshape(batch.raw_shape), batch.y)
+
+    _, pullback = vjp(grad(loss_of_output), f)
+    eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+    # blocks[n, i, j] = d2 L / df_ni df_nj
+    blocks = vmap(lambda e: pullback(e.expand_as(f))[0])(eye).permute(1, 2, 0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(blocks)
+    return (eigenvectors * eigenvalues.clamp(min=0.0).sqrt().unsqueeze(1)).transpose(1, 2)
+
+
+def _rows(batch: _Batch, X: Tensor, cotangents: Tensor) -> Tensor:
+    r"""The matrix :math:`M` with rows :math:`b_{nk}^\top J_n`, shape ``(N K, P)``."""
+
+    def per_example(x: Tensor, b: Tensor) -> Tensor:
+        _, pullback = vjp(lambda theta: batch.outputs(theta, x.unsqueeze(0))[0], batch.theta)
+        return vmap(pullback)(b)[0]
+
+    return vmap(per_example)(X, cotangents).flatten(0, 1)
+
+
+def gram(M: Tensor) -> Tensor:
+    r""":math:`M^\top M`, computing only the upper block triangle and mirroring it.
+
+    Splits the columns in halves recursively: :math:`[M_1\ M_2]^\top [M_1\ M_2]` needs
+    :math:`M_1^\top M_1`, :math:`M_2^\top M_2` (recursively) and one product
+    :math:`M_1^\top M_2`, so the cost tends to half a general matrix product.
+    """
+    out = M.new_empty(M.shape[1], M.shape[1])
+
+    def fill(lo: int, hi: int) -> None:
+        if hi - lo <= _GRAM_LEAF:
+            out[lo:hi, lo:hi] = M[:, lo:hi].T @ M[:, lo:hi]
+            return
+        mid = (lo + hi) // 2
+        fill(lo, mid)
+        fill(mid, hi)
+        off = M[:, lo:mid].T @ M[:, mid:hi]
+        out[lo:mid, mid:hi] = off
+        out[mid:hi, lo:mid] = off.T
+
+    fill(0, M.shape[1])
+    return out
+
+
+def _gram_of_rows(batch: _Batch, cotangents: Tensor) -> Tensor:
+    r""":math:`\sum_{nk} J_n^\top b_{nk} b_{nk}^\top J_n`, in chunks of examples."""
+    n, k, _ = cotangents.shape
+    p = batch.theta.numel()
+    chunk = max(1, _ROW_BUDGET // (k * p))
+    out = None
+    for lo in range(0, n, chunk):
+        g = gram(_rows(batch, batch.X[lo : lo + chunk], cotangents[lo : lo + chunk]))
+        out = g if out is None else out.add_(g)
+    _check_finite(out, "the curvature matrix")
+    return out
+
+
+def flat_gradient(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    r"""The gradient :math:`\nabla_\theta L`, flat in parameter order."""
+    batch = _batch(model, loss_fn, X, y)
+    g = grad(batch.loss)(batch.theta)
+    _check_finite(g, "the gradient")
+    return g
+
+
+def hessian(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    r"""The Hessian :math:`H = \nabla^2_\theta L`, ``(P, P)``, by Hessian-vector products with
+    the columns of the identity, vectorised in chunks."""
+    batch = _batch(model, loss_fn, X, y)
+    product = _hessian_product(batch)
+    eye = torch.eye(batch.theta.numel(), dtype=batch.theta.dtype, device=batch.theta.device)
+    out = vmap(product, chunk_size=_HESSIAN_CHUNK)(eye)
+    _check_finite(out, "the Hessian")
+    return out
+
+
+def ggn(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    r"""The generalised Gauss-Newton matrix :math:`G = \sum_n J_n^\top (\nabla_f^2 L) J_n`.
+
+    The output-space Hessian comes from autograd, independently of :mod:`natlib.losses`; for
+    the supported losses :math:`G` equals the exact Fisher (Martens, 2020, §9.2).
+    """
+    batch = _batch(model, loss_fn, X, y)
+    return _gram_of_rows(batch, _ggn_output_factor(batch))
+
+
+def fisher(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor | None = None,
+    kind: Kind = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""The Fisher information of the model's predictive distribution, ``(P, P)``.
+
+    :math:`F = r \sum_n J_n^\top \Lambda_n J_n` with :math:`\Lambda_n` the expected outer
+    product of the output score (Amari, 1998), :math:`r` the loss's reduction factor.
+
+    Args:
+        kind: ``"exact"``: the closed-form :math:`\Lambda_n = B_n B_n^\top`;
+            ``"mc"``: :math:`\Lambda_n \approx \frac1S \sum_s g_{ns} g_{ns}^\top` with
+            :math:`g_{ns} = \nabla_f \ell(f_n, \tilde y_{ns})`, :math:`\tilde y_{ns}` drawn from
+            the model; ``"empirical"``: :math:`g_n g_n^\top` at the data label :math:`y_n`
+            (Kunstner, Balles & Hennig, 2019).
+        mc_samples: :math:`S`, for ``kind="mc"``.
+        generator: the random generator for ``kind="mc"``.
+    """
+    batch = _batch(model, loss_fn, X, y)
+    return _gram_of_rows(batch, _output_factor(batch, kind, mc_samples, generator))
+
+
+def _hessian_product(batch: _Batch) -> Product:
+    r"""Reverse-over-reverse: :math:`Hv` is the ``vjp`` of the gradient map with :math:`v`
+    (:math:`H` is symmetric). Forward-over-reverse would be cheaper, but ``MSELoss``'s
+    forward-mode derivative of its backward fails in torch 2.13 ("ZeroTensors are immutable")."""
+    _, pullback = vjp(grad(batch.loss), batch.theta)
+    return lambda v: pullback(v)[0]
+
+
+def _outer_product(batch: _Batch, output_product: Product) -> Product:
+    r""":math:`v \mapsto J^\top A J v` for an output-space map :math:`A`.
+
+    :math:`u \mapsto J^\top u` is the ``vjp`` of the model; :math:`Jv` is the ``vjp`` of that
+    linear map (the double-vjp trick). Both pullbacks are built once, so a product costs two
+    backward passes and no forward pass; forward-mode ``jvp`` would recompute the forward pass
+    and, in torch 2.13, warns on first use.
+    """
+    X = batch.X
+    f, pullback = vjp(lambda theta: batch.outputs(theta, X), batch.theta)
+    _, push_forward = vjp(lambda u: pullback(u)[0], torch.zeros_like(f))
+
+    def product(v: Tensor) -> Tensor:
+        return pullback(output_product(push_forward(v)[0]))[0]
+
+    return product
+
+
+def hessian_product(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Product:
+    r"""The map :math:`v \mapsto Hv` (one ``vjp`` of the gradient map)."""
+    batch = _batch(model, loss_fn, X, y)
+    return _checked(_hessian_product(batch), batch.theta.numel(), "Hessian")
+
+
+def ggn_product(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Product:
+    r"""The map :math:`v \mapsto Gv = J^\top (\nabla_f^2 L)(Jv)`: a Jacobian-vector product,
+    an output-space Hessian-vector product and a ``vjp`` (Schraudolph, 2002)."""
+    batch = _batch(model, loss_fn, X, y)
+    if y is None:
+        raise ValueError("the GGN needs the labels y to evaluate the loss.")
+    gradient = grad(lambda g: batch.loss_fn(g.reshape(batch.raw_shape), batch.y))
+    _, pullback = vjp(gradient, batch.output)
+
+    def output_product(u: Tensor) -> Tensor:
+        return pullback(u)[0]
+
+    return _checked(_outer_product(batch, output_product), batch.theta.numel(), "GGN")
+
+
+def fisher_product(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor | None = None,
+    kind: Kind = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Product:
+    r"""The map :math:`v \mapsto Fv = \sum_{nk} J_n^\top b_{nk} (b_{nk}^\top J_n v)` for the
+    Fisher of :func:`fisher` (same arguments). Monte-Carlo targets are drawn once, so the map
+    is one fixed linear operator."""
+    batch = _batch(model, loss_fn, X, y)
+    b = _output_factor(batch, kind, mc_samples, generator)
+
+    def output_product(u: Tensor) -> Tensor:
+        return torch.einsum("nkc,nk->nc", b, torch.einsum("nkc,nc->nk", b, u))
+
+    return _checked(_outer_product(batch, output_product), batch.theta.numel(), "Fisher")
+
+
+def _checked(product: Product, size: int, what: str) -> Product:
+    def checked(v: Tensor) -> Tensor:
+        if v.shape != (size,):
+            raise ValueError(f"v must have shape ({size},), got {tuple(v.shape)}.")
+        out = product(v)
+        _check_finite(out, f"the {what}-vector product")
+        return out
+
+    return checked
+
+
+@dataclass(frozen=True)
+class CGResult:
+    """The outcome of :func:`conjugate_gradient`."""
+
+    x: Tensor
+    iterations: int
+    residual: float  # relative residual ||b - Ax|| / ||b||
+    converged: bool
+
+
+def conjugate_gradient(
+    matvec: Product, b: Tensor, tol: float = 1e-10, max_iter: int | None = None
+) -> CGResult:
+    r"""Solve :math:`Ax = b` for symmetric positive definite :math:`A` given as ``matvec``.
+
+    Conjugate gradients (Nocedal & Wright, 2006, Alg. 5.2), started at :math:`x = 0`, stopping
+    when :math:`\lVert b - Ax \rVert \le \mathrm{tol} \lVert b \rVert` or after ``max_iter``
+    iterations (default: the dimension).
+
+    Raises:
+        ValueError: if a search direction has non-positive curvature (:math:`A` is not
+            positive definite).
+    """
+    if tol <= 0:
+        raise ValueError(f"tol must be positive, got {tol}.")
+    max_iter = b.numel() if max_iter is None else max_iter
+    x = torch.zeros_like(b)
+    r = b.clone()
+    d = r.clone()
+    rr = r @ r
+    b_norm = b.norm()
+    if b_norm == 0:
+        return CGResult(x, 0, 0.0, True)
+    iterations = 0
+    while iterations < max_iter and rr.sqrt() > tol * b_norm:
+        ad = matvec(d)
+        curvature = d @ ad
+        if curvature <= 0:
+            raise ValueError(
+                f"conjugate gradients met non-positive curvature {curvature.item():.3g}; "
+                "the matrix is not positive definite (add damping)."
+            )
+        alpha = rr / curvature
+        x = x + alpha * d
+        r = r - alpha * ad
+        rr, rr_old = r @ r, rr
+        d = r + (rr / rr_old) * d
+        iterations += 1
+    residual = (rr.sqrt() / b_norm).item()
+    return CGResult(x, iterations, residual, residual <= tol)
+
+
+def natural_gradient(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    damping: float,
+    kind: Kind = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-10,
+    max_iter: int | None = None,
+) -> Tensor:
+    r"""The damped natural-gradient direction :math:`(F + \lambda I)^{-1} \nabla_\theta L`,
+    matrix-free by conjugate gradients on :func:`fisher_product` (Martens, 2010).
+
+    The update is :math:`\theta \leftarrow \theta - \eta d` for the returned :math:`d`.
+
+    Raises:
+        ValueError: if ``damping`` is not positive.
+        RuntimeError: if conjugate gradients do not reach ``tol`` within ``max_iter``.
+    """
+    if not damping > 0:
+        raise ValueError(f"damping must be positive, got {damping}.")
+    product = fisher_product(model, loss_fn, X, y, kind, mc_samples, generator)
+    g = flat_gradient(model, loss_fn, X, y)
+    result = conjugate_gradient(lambda v: product(v) + damping * v, g, tol, max_iter)
+    if not result.converged:
+        raise RuntimeError(
+            f"conjugate gradients reached relative residual {result.residual:.2e} > tol={tol} "
+            f"after {result.iterations} iterations; raise max_iter or damping."
+        )
+    return result.x

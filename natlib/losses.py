@@ -1,0 +1,235 @@
+r"""The likelihood behind each supported ``torch.nn`` loss.
+
+A loss :math:`L(f) = r \sum_n \ell(f_n, y_n)` over model outputs :math:`f_n \in \mathbb{R}^C`
+is the negative log-likelihood of a distribution :math:`p(y \mid f) \propto e^{-\ell(f, y)}`
+(up to the reduction factor :math:`r`). This module owns that view, so that curvature and
+K-FAC share one definition of
+
+- the reduction factor :math:`r` (``1/N``, ``1/(NC)`` or ``1``),
+- the gradient :math:`\nabla_f \ell(f_n, y)` of one example's loss, summed over its entries,
+- the output-space Hessian :math:`\Lambda_n = \nabla_f^2 \ell(f_n, y)` (independent of
+  :math:`y` for these losses, and equal to :math:`\mathbb{E}_{y \sim p(\cdot\mid f_n)}
+  [\nabla_f \ell \, \nabla_f \ell^\top]`, which is why the Fisher equals the GGN
+  (Martens, 2020, §9.2)), a square-root factor :math:`B_n` with :math:`\Lambda_n = B_n B_n^\top`,
+- sampling targets from :math:`p(y \mid f_n)` for the Monte-Carlo Fisher.
+
+Outputs are ``(N, C)`` matrices; ``curvature`` reshapes other output shapes to that.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+Reduction = Literal["mean", "sum"]
+SUPPORTED = "CrossEntropyLoss, MSELoss, BCEWithLogitsLoss (reduction 'mean' or 'sum')"
+
+
+@dataclass(frozen=True)
+class Likelihood(ABC):
+    r"""The distribution :math:`p(y \mid f) \propto e^{-\ell(f, y)}` behind a loss."""
+
+    reduction: Reduction
+    per_example_mean: ClassVar[bool] = False  # ``mean`` divides by N (True) or by N*C (False)
+
+    def scale(self, output: Tensor) -> float:
+        r"""The reduction factor :math:`r` in :math:`L = r \sum_n \ell(f_n, y_n)`."""
+        n, c = output.shape
+        if self.reduction == "sum":
+            return 1.0
+        return 1.0 / (n if self.per_example_mean else n * c)
+
+    def output_matrix(self, output: Tensor) -> Tensor:
+        """The model's output ``(N, ...)`` as the ``(N, C)`` matrix the methods below take."""
+        if output.ndim == 0:
+            raise ValueError("the model output needs a batch dimension, got a scalar.")
+        return output.reshape(output.shape[0], -1)
+
+    @abstractmethod
+    def target_matrix(self, output: Tensor, target: Tensor) -> Tensor:
+        """Check ``target`` against the model's raw ``output``; reshape it to match
+        :meth:`output_matrix`. Raises ``ValueError`` on a mismatch."""
+
+    @abstractmethod
+    def gradient(self, output: Tensor, target: Tensor) -> Tensor:
+        r""":math:`\nabla_f \ell(f_n, y_n)` for ``(N, C)`` outputs and targets of shape
+        ``(..., N)`` (classes) or ``(..., N, C)``, broadcasting over the leading dimensions."""
+
+    @abstractmethod
+    def hessian(self, output: Tensor) -> Tensor:
+        r""":math:`\Lambda_n = \nabla_f^2 \ell(f_n, y)`, shape ``(N, C, C)``."""
+
+    @abstractmethod
+    def hessian_factor(self, output: Tensor) -> Tensor:
+        r""":math:`B_n` with :math:`\Lambda_n = B_n B_n^\top`, shape ``(N, C, R)``."""
+
+    @abstractmethod
+    def sample(self, output: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
+        r"""``num_samples`` targets per example from :math:`p(y \mid f_n)`, stacked first."""
+
+
+@dataclass(frozen=True)
+class Categorical(Likelihood):
+    r"""``CrossEntropyLoss``: :math:`\ell = -f_y + \log \sum_c e^{f_c}`, a softmax likelihood.
+
+    With :math:`p = \mathrm{softmax}(f)`, :math:`\Lambda = \mathrm{diag}(p) - pp^\top` has
+    rank :math:`C-1` (logits are shift invariant). With :math:`q = \sqrt{p}` and
+    :math:`D = \mathrm{diag}(q)` it equals :math:`D P D`, where :math:`P = I - qq^\top`
+    projects onto :math:`q^\perp`. The Householder reflection
+    :math:`H = I - ww^\top/(1 + q_C)`, :math:`w = q + e_C`, maps :math:`q` to :math:`-e_C`,
+    so its first :math:`C-1` columns :math:`U` span :math:`q^\perp` and :math:`B = DU`
+    (``C x (C-1)``) is an exact closed-form factor.
+    """
+
+    per_example_mean: ClassVar[bool] = True
+
+    def output_matrix(self, output: Tensor) -> Tensor:
+        if output.ndim != 2:
+            raise ValueError(
+                f"CrossEntropyLoss needs (N, C) logits, got shape {tuple(output.shape)}."
+            )
+        return output
+
+    def target_matrix(self, output: Tensor, target: Tensor) -> Tensor:
+        self.output_matrix(output)
+        if target.shape != output.shape[:1] or target.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                "CrossEntropyLoss needs integer class indices of shape (N,) = "
+                f"{tuple(output.shape[:1])}, got {target.dtype} of shape {tuple(target.shape)}."
+            )
+        if target.numel() and (target.min() < 0 or target.max() >= output.shape[1]):
+            raise ValueError(f"class indices must lie in [0, {output.shape[1]}).")
+        return target
+
+    def gradient(self, output: Tensor, target: Tensor) -> Tensor:
+        p = output.softmax(-1)
+        return p - nn.functional.one_hot(target.long(), output.shape[-1]).to(p.dtype)
+
+    def hessian(self, output: Tensor) -> Tensor:
+        p = output.softmax(-1)
+        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+
+    def hessian_factor(self, output: Tensor) -> Tensor:
+        q = output.softmax(-1).sqrt()
+        w = q.clone()
+        w[:, -1] += 1.0
+        eye = torch.eye(q.shape[1], dtype=q.dtype, device=q.device)
+        u = eye - w.unsqueeze(-1) * w.unsqueeze(-2) / w[:, -1, None, None]
+        return q.unsqueeze(-1) * u[:, :, :-1]
+
+    def sample(self, output: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
+        p = output.softmax(-1)
+        return torch.multinomial(p, num_samples, replacement=True, generator=generator).T
+
+    def kl_divergence(self, output: Tensor, other: Tensor) -> Tensor:
+        log_p = output.log_softmax(-1)
+        return (log_p.exp() * (log_p - other.log_softmax(-1))).sum(-1)
+
+
+@dataclass(frozen=True)
+class Gaussian(Likelihood):
+    r"""``MSELoss``: :math:`\ell = \lVert f - y \rVert^2`, likelihood :math:`\mathcal{N}(f, I/2)`.
+
+    :math:`\Lambda = 2I`, :math:`B = \sqrt{2} I`.
+    """
+
+    def target_matrix(self, output: Tensor, target: Tensor) -> Tensor:
+        return _same_shape("MSELoss", output, target)
+
+    def gradient(self, output: Tensor, target: Tensor) -> Tensor:
+        return 2.0 * (output - target)
+
+    def hessian(self, output: Tensor) -> Tensor:
+        n, c = output.shape
+        return 2.0 * torch.eye(c, dtype=output.dtype, device=output.device).expand(n, c, c)
+
+    def hessian_factor(self, output: Tensor) -> Tensor:
+        n, c = output.shape
+        return math.sqrt(2.0) * torch.eye(c, dtype=output.dtype, device=output.device).expand(
+            n, c, c
+        )
+
+    def sample(self, output: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
+        noise = torch.randn(
+            (num_samples, *output.shape),
+            generator=generator,
+            dtype=output.dtype,
+            device=output.device,
+        )
+        return output + math.sqrt(0.5) * noise
+
+    def kl_divergence(self, output: Tensor, other: Tensor) -> Tensor:
+        return (output - other).square().sum(-1)
+
+
+@dataclass(frozen=True)
+class Bernoulli(Likelihood):
+    r"""``BCEWithLogitsLoss``: :math:`\ell = -y \log \sigma(f) - (1-y) \log(1 - \sigma(f))`.
+
+    :math:`\Lambda = \mathrm{diag}(\sigma(f)(1 - \sigma(f)))`, :math:`B = \Lambda^{1/2}`.
+    """
+
+    def target_matrix(self, output: Tensor, target: Tensor) -> Tensor:
+        return _same_shape("BCEWithLogitsLoss", output, target)
+
+    def gradient(self, output: Tensor, target: Tensor) -> Tensor:
+        return torch.sigmoid(output) - target
+
+    def hessian(self, output: Tensor) -> Tensor:
+        return torch.diag_embed(self._variance(output))
+
+    def hessian_factor(self, output: Tensor) -> Tensor:
+        return torch.diag_embed(self._variance(output).sqrt())
+
+    def sample(self, output: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
+        p = torch.sigmoid(output).expand(num_samples, *output.shape)
+        return torch.bernoulli(p, generator=generator)
+
+    def kl_divergence(self, output: Tensor, other: Tensor) -> Tensor:
+        p = torch.sigmoid(output)
+        log_ratio_1 = nn.functional.softplus(-other) - nn.functional.softplus(-output)
+        log_ratio_0 = nn.functional.softplus(other) - nn.functional.softplus(output)
+        return (p * log_ratio_1 + (1 - p) * log_ratio_0).sum(-1)
+
+    @staticmethod
+    def _variance(output: Tensor) -> Tensor:
+        p = torch.sigmoid(output)
+        return p * (1.0 - p)
+
+
+def _same_shape(name: str, output: Tensor, target: Tensor) -> Tensor:
+    if target.shape != output.shape or not target.is_floating_point():
+        raise ValueError(
+            f"{name} needs floating-point targets shaped like the output {tuple(output.shape)}, "
+            f"got {target.dtype} of shape {tuple(target.shape)}."
+        )
+    return target.reshape(target.shape[0], -1)
+
+
+def likelihood(loss_fn: nn.Module) -> Likelihood:
+    """The likelihood behind ``loss_fn``; a clear ``ValueError`` for anything unsupported."""
+    reduction = getattr(loss_fn, "reduction", None)
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"loss {loss_fn!r} is not supported; supported: {SUPPORTED}.")
+    if type(loss_fn) is nn.CrossEntropyLoss:
+        if loss_fn.weight is not None or loss_fn.label_smoothing != 0.0:
+            raise ValueError(
+                f"CrossEntropyLoss with class weights or label smoothing is not supported; "
+                f"supported: {SUPPORTED}."
+            )
+        return Categorical(reduction)
+    if type(loss_fn) is nn.MSELoss:
+        return Gaussian(reduction)
+    if type(loss_fn) is nn.BCEWithLogitsLoss:
+        if loss_fn.weight is not None or loss_fn.pos_weight is not None:
+            raise ValueError(
+                f"BCEWithLogitsLoss with weight or pos_weight is not supported; "
+                f"supported: {SUPPORTED}."
+            )
+        return Bernoulli(reduction)
+    raise ValueError(f"loss {type(loss_fn).__name__} is not supported; supported: {SUPPORTED}.")
