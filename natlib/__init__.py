@@ -1,7 +1,35 @@
-"""natlib: exact and approximate curvature and natural-gradient optimisers in PyTorch."""
+"""natlib: exact and approximate curvature and natural-gradient optimisers in PyTorch.
 
-from natlib import problems
+``natlib.setup`` and ``natlib.device`` are imported eagerly; every submodule
+(``natlib.curvature``, ``natlib.kfac``, ...) is imported on first attribute access, so
+``import natlib`` stays fast and does not load sympy or matplotlib until they are needed.
+"""
+
+import importlib
+
 from natlib.runtime import device, setup
 
-__all__ = ["device", "problems", "setup"]
+SUBMODULES = (
+    "bench",
+    "curvature",
+    "kfac",
+    "kunstner",
+    "losses",
+    "notebooks",
+    "optim",
+    "plotting",
+    "problems",
+    "reparam",
+    "runtime",
+    "scaling",
+    "symbolic",
+)
+
+__all__ = ["device", "setup", *SUBMODULES]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in SUBMODULES:
+        return importlib.import_module(f"natlib.{name}")
+    raise AttributeError(f"module 'natlib' has no attribute {name!r}")

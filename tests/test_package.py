@@ -1,0 +1,78 @@
+"""The package's shape: every submodule imports, and imports flow one way through the layers.
+
+DESIGN.md: runtime, losses -> problems, curvature, kfac -> reparam, ... -> optim -> bench ->
+``__main__``. No module imports a layer above its own or the package root's re-exports.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+import natlib
+
+PACKAGE = Path(natlib.__file__).parent
+LAYERS = {
+    "runtime": 0,
+    "losses": 0,
+    "plotting": 0,
+    "notebooks": 0,
+    "problems": 1,
+    "curvature": 1,
+    "kfac": 1,
+    "symbolic": 2,
+    "reparam": 2,
+    "kunstner": 2,
+    "optim": 3,
+    "bench": 4,
+    "scaling": 5,
+    "__main__": 6,
+}
+
+
+def natlib_imports(path: Path) -> set[str]:
+    """The natlib submodules a file imports, anywhere in it (lazy imports included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "natlib":
+            names = [f"natlib.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "natlib":
+                found.add(parts[1] if len(parts) > 1 and parts[1] in LAYERS else "natlib")
+    return found
+
+
+def test_every_module_has_a_layer():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(LAYERS), f"give these modules a layer: {modules ^ set(LAYERS)}"
+    assert set(natlib.SUBMODULES) == set(LAYERS) - {"__main__"}
+
+
+@pytest.mark.parametrize("module", sorted(set(LAYERS) - {"__main__"}))
+def test_lazy_submodule_access(module):
+    assert getattr(natlib, module) is importlib.import_module(f"natlib.{module}")
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS))
+def test_imports_flow_downwards(module):
+    imported = natlib_imports(PACKAGE / f"{module}.py")
+    assert "natlib" not in imported, f"{module} imports from the package root"
+    above = {m for m in imported if LAYERS[m] > LAYERS[module]}
+    assert not above, f"natlib.{module} (layer {LAYERS[module]}) imports higher layers {above}"
+    if LAYERS[module] == 0:
+        assert not imported - {"plotting"}, f"layer-0 module {module} imports {imported}"
+
+
+def test_unknown_attribute_is_an_error():
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        natlib.nonexistent  # noqa: B018
