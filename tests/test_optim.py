@@ -1,0 +1,216 @@
+"""natlib.optim: K-FAC and dense NGD steps against dense natural-gradient steps."""
+
+import copy
+
+import pytest
+import torch
+from helpers import assert_close
+from torch import nn
+from torch.nn.utils import parameters_to_vector
+
+from natlib import curvature, problems
+from natlib.kfac import linear_layers
+from natlib.optim import KFAC, NGD, train
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return parameters_to_vector(model.parameters()).detach().clone()
+
+
+def one_step(optimizer: torch.optim.Optimizer, model, loss_fn, X, y) -> None:
+    optimizer.zero_grad()
+    loss_fn(model(X), y).backward()
+    optimizer.step()
+
+
+def exact_kfac(model: nn.Module, loss_fn: nn.Module, **kwargs) -> KFAC:
+    """K-FAC with type-2 factors, no averaging, updated every step, exact damping."""
+    options = dict(T_cov=1, T_inv=1, ema_decay=0.0, fisher="type-2", damping_mode="exact")
+    return KFAC(model, loss_fn, **(options | kwargs))
+
+
+def dense_step(model, loss_fn, X, y, damping: float, blocks: bool, extra=None) -> torch.Tensor:
+    r""":math:`(F + \lambda I)^{-1}(\nabla L + \text{extra})`, F layer-block-diagonal if asked."""
+    F = curvature.fisher(model, loss_fn, X)
+    if blocks:
+        mask = torch.zeros_like(F, dtype=torch.bool)
+        start = 0
+        for layer in linear_layers(model):
+            mask[start : start + layer.numel, start : start + layer.numel] = True
+            start += layer.numel
+        F = torch.where(mask, F, 0.0)
+    g = curvature.flat_gradient(model, loss_fn, X, y)
+    if extra is not None:
+        g = g + extra
+    return torch.linalg.solve(F + damping * torch.eye(len(g)), g)
+
+
+CASES = {
+    "ce": (nn.CrossEntropyLoss(), lambda n: torch.tensor([2] * n)),
+    "mse": (nn.MSELoss(), lambda n: torch.linspace(-1, 1, 3 * n).view(n, 3)),
+    "bce": (nn.BCEWithLogitsLoss(), lambda n: torch.linspace(0, 1, 3 * n).view(n, 3)),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_step_is_block_diagonal_damped_ngd_for_one_example(name: str) -> None:
+    loss_fn, targets = CASES[name]
+    model = problems.mlp([5, 4, 3], seed=1)
+    X, y = torch.linspace(-1, 1, 5).view(1, 5), targets(1)
+    expected = flat(model) - 0.5 * dense_step(model, loss_fn, X, y, 0.1, blocks=True)
+    one_step(exact_kfac(model, loss_fn, lr=0.5, damping=0.1), model, loss_fn, X, y)
+    assert_close(flat(model), expected)
+
+
+def test_step_is_full_damped_ngd_for_one_layer() -> None:
+    model = problems.mlp([5, 3], seed=1)
+    loss_fn, X, y = nn.CrossEntropyLoss(), torch.linspace(-1, 1, 5).view(1, 5), torch.tensor([1])
+    expected = flat(model) - 0.5 * dense_step(model, loss_fn, X, y, 0.1, blocks=False)
+    one_step(exact_kfac(model, loss_fn, lr=0.5, damping=0.1), model, loss_fn, X, y)
+    assert_close(flat(model), expected)
+
+
+def test_momentum_and_weight_decay_over_two_steps() -> None:
+    model = problems.mlp([5, 4, 3], seed=1)
+    loss_fn, X, y = nn.CrossEntropyLoss(), torch.linspace(-1, 1, 5).view(1, 5), torch.tensor([2])
+    lr, lam, mu, wd = 0.3, 0.1, 0.9, 0.01
+    reference = copy.deepcopy(model)
+    optimizer = exact_kfac(model, loss_fn, lr=lr, damping=lam, momentum=mu, weight_decay=wd)
+    buffer = torch.zeros_like(flat(model))
+    for _ in range(2):
+        theta = flat(reference)
+        delta = dense_step(reference, loss_fn, X, y, lam, blocks=True, extra=wd * theta)
+        buffer = mu * buffer + delta
+        torch.nn.utils.vector_to_parameters(theta - lr * buffer, reference.parameters())
+        one_step(optimizer, model, loss_fn, X, y)
+    assert_close(flat(model), flat(reference))
+
+
+def test_kl_clipping_scales_the_step() -> None:
+    """With clipping, the step is ``nu`` times the unclipped one, ``nu = sqrt(kappa / (lr^2
+    <delta, g>))``."""
+    model = problems.mlp([5, 4, 3], seed=1)
+    loss_fn, X, y = nn.CrossEntropyLoss(), torch.linspace(-1, 1, 5).view(1, 5), torch.tensor([2])
+    lr, lam, kappa = 0.5, 0.1, 1e-4
+    delta = dense_step(model, loss_fn, X, y, lam, blocks=True)
+    g = curvature.flat_gradient(model, loss_fn, X, y)
+    nu = min(1.0, (kappa / (lr**2 * (delta @ g))).sqrt().item())
+    assert nu < 1.0
+    expected = flat(model) - lr * nu * delta
+    optimizer = exact_kfac(model, loss_fn, lr=lr, damping=lam, kl_clip=kappa)
+    one_step(optimizer, model, loss_fn, X, y)
+    assert_close(flat(model), expected)
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_state_dict_resumes_bit_identically(fisher: str) -> None:
+    data = problems.digits()
+    X, y = data.X_train[:240], data.y_train[:240]
+    batches = [(X[i : i + 40], y[i : i + 40]) for i in range(0, 240, 40)] * 2
+    options = dict(lr=0.1, damping=0.01, momentum=0.9, weight_decay=1e-4, T_cov=2, T_inv=3)
+    options |= dict(kl_clip=0.01, fisher=fisher, seed=5)
+
+    model = problems.mlp([64, 16, 10], seed=0)
+    optimizer = KFAC(model, data.loss_fn, **options)
+    for Xb, yb in batches[:5]:
+        one_step(optimizer, model, data.loss_fn, Xb, yb)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())
+    for Xb, yb in batches[5:]:
+        one_step(optimizer, model, data.loss_fn, Xb, yb)
+
+    resumed = problems.mlp([64, 16, 10], seed=1)
+    resumed.load_state_dict(saved_model)
+    optimizer = KFAC(resumed, data.loss_fn, **(options | dict(seed=0)))
+    optimizer.load_state_dict(saved_optimizer)
+    for Xb, yb in batches[5:]:
+        one_step(optimizer, resumed, data.loss_fn, Xb, yb)
+    assert torch.equal(flat(resumed), flat(model))
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical", "type-2"])
+def test_loss_decreases_on_digits(fisher: str) -> None:
+    data = problems.digits()
+    model = problems.mlp([64, 32, 10], seed=0)
+    optimizer = KFAC(model, data.loss_fn, lr=0.3, damping=0.01, momentum=0.5, fisher=fisher)
+    trace = train(model, optimizer, data.loss_fn, data.X_train, data.y_train, 60, 128, seed=0)
+    assert trace.losses[0] > 2.0 and trace.losses[-1] < 0.1, trace.losses
+
+
+def test_float32_factors_and_eigh_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = torch.linalg.eigh, []
+
+    def fails_in_float32(matrix: torch.Tensor):
+        calls.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails_in_float32)
+    data = problems.digits(dtype=torch.float32)
+    model = problems.mlp([64, 16, 10], seed=0).float()
+    optimizer = KFAC(model, data.loss_fn, lr=0.1, damping=0.01)
+    one_step(optimizer, model, data.loss_fn, data.X_train[:64], data.y_train[:64])
+    state = optimizer.state[model[0].weight]
+    assert state["A"].dtype == state["inv_left"].dtype == torch.float32
+    assert calls == [torch.float32, torch.float64] * 4
+
+
+def test_nan_factor_names_the_layer() -> None:
+    model = problems.mlp([3, 4, 2], seed=0)
+    optimizer = KFAC(model, nn.MSELoss(), damping=0.1)
+    X = torch.ones(5, 3)
+    X[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="factor A of layer '0' contains NaN"):
+        one_step(optimizer, model, nn.MSELoss(), X, torch.zeros(5, 2))
+
+
+def test_clear_errors() -> None:
+    model = problems.mlp([3, 2], seed=0)
+    with pytest.raises(ValueError, match=r"'1' \(LayerNorm\).*only nn.Linear"):
+        KFAC(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)), nn.MSELoss())
+    for damping in (0.0, -0.1):
+        with pytest.raises(ValueError, match="damping must be a positive"):
+            KFAC(model, nn.MSELoss(), damping=damping)
+    with pytest.raises(ValueError, match="T_inv must be a positive integer"):
+        KFAC(model, nn.MSELoss(), T_inv=0)
+    with pytest.raises(ValueError, match="fisher 'type-1' is not supported"):
+        KFAC(model, nn.MSELoss(), fisher="type-1")
+    optimizer = KFAC(model, nn.MSELoss())
+    with pytest.raises(RuntimeError, match="no forward pass was recorded"):
+        optimizer.step()
+    empirical = KFAC(model, nn.MSELoss(), fisher="empirical")
+    model(torch.ones(4, 3))  # forward without backward
+    with pytest.raises(RuntimeError, match="needs loss.backward"):
+        empirical.step()
+
+
+def test_ngd_step_is_damped_natural_gradient() -> None:
+    model = problems.mlp([5, 4, 3], seed=1)
+    loss_fn, X, y = nn.MSELoss(), torch.linspace(-1, 1, 15).view(3, 5), torch.zeros(3, 3)
+    expected = flat(model) - 0.5 * dense_step(model, loss_fn, X, y, 0.1, blocks=False)
+    one_step(NGD(model, loss_fn, lr=0.5, damping=0.1), model, loss_fn, X, y)
+    assert_close(flat(model), expected)
+
+
+def test_train_stops_when_the_loss_diverges() -> None:
+    model = problems.mlp([3, 2], seed=0)
+    X, y = torch.randn(8, 3), torch.randn(8, 2)
+    trace = train(model, torch.optim.SGD(model.parameters(), lr=1e6), nn.MSELoss(), X, y, 50, 4)
+    assert len(trace.steps) < 6 and not torch.isfinite(torch.tensor(trace.losses[-1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu() -> None:
+    data = problems.digits()
+    runs = []
+    for device in ("cpu", "cuda"):
+        model = problems.mlp([64, 16, 10], seed=0).to(device)
+        optimizer = KFAC(model, data.loss_fn, lr=0.1, damping=0.01, fisher="type-2", T_inv=2)
+        X, y = data.X_train[:128].to(device), data.y_train[:128].to(device)
+        for _ in range(4):
+            one_step(optimizer, model, data.loss_fn, X, y)
+        runs.append(flat(model).cpu())
+    assert_close(runs[1], runs[0], rtol=1e-8)
