@@ -1,0 +1,225 @@
+"""The K-FAC cost model, the slope fit, the timing sweeps and the JSON record (not the timings)."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from natlib import bench, scaling
+from natlib.__main__ import main
+
+CPU = torch.device("cpu")
+TINY = scaling.Settings(
+    widths=[16, 23, 32, 45, 64],
+    batch=8,
+    rounds=1,
+    step_widths=[8, 16],
+    step_batches=[4, 8],
+    width=8,
+    depths=[1, 2],
+    depth=1,
+    min_run_time=0.001,
+)
+
+
+@pytest.fixture(scope="module")
+def record() -> scaling.ScalingRecord:
+    return scaling.measure(TINY, CPU)
+
+
+def test_geometric_widths():
+    assert scaling.geometric_widths(64, 2048) == [
+        64,
+        91,
+        128,
+        181,
+        256,
+        362,
+        512,
+        724,
+        1024,
+        1448,
+        2048,
+    ]
+    assert scaling.geometric_widths(16, 1024, 1) == [16, 32, 64, 128, 256, 512, 1024]
+    assert scaling.geometric_widths(64, 100, 1) == [64]
+    with pytest.raises(ValueError, match="low <= high"):
+        scaling.geometric_widths(128, 64)
+
+
+def test_step_cost_counts_every_part():
+    d, B, L = 512, 128, 3
+    cost = scaling.step_cost(d, B, depth=L, T_cov=2, T_inv=10, eigh_constant=9)
+    assert cost.forward_backward == 6 * B * L * d**2
+    assert cost.factors == 4 * B * L * d**2 / 2
+    assert cost.sampled_backward == 2 * B * L * d**2 / 2
+    assert cost.precondition == 4 * L * d**3
+    assert cost.refresh == 2 * 11 * L * d**3 / 10
+    assert cost.total == pytest.approx(sum(cost.parts().values()))
+    assert cost.parts()["factors"] == cost.factors + cost.sampled_backward
+    empirical = scaling.step_cost(d, B, depth=L, T_cov=2, T_inv=10, fisher="empirical")
+    assert empirical.sampled_backward == 0
+
+
+@pytest.mark.parametrize(
+    ("d", "B", "T_cov", "T_inv", "c"), [(256, 64, 1, 1, 9), (1024, 512, 5, 20, 40)]
+)
+def test_overhead_follows_the_closed_form(d, B, T_cov, T_inv, c):
+    cost = scaling.step_cost(d, B, depth=4, T_cov=T_cov, T_inv=T_inv, eigh_constant=c)
+    expected = 1 + 1 / T_cov + 2 * d / (3 * B) + (c + 2) * d / (3 * B * T_inv)
+    assert cost.overhead == pytest.approx(expected, rel=1e-12)
+
+
+def test_dominant_part_moves_from_batch_work_to_cubic_work():
+    assert scaling.step_cost(64, 4096, T_inv=100).dominant() == "per-example work"
+    assert scaling.step_cost(8192, 64, T_inv=1000).dominant() == "preconditioning"
+    assert scaling.step_cost(8192, 64, T_inv=1, eigh_constant=50).dominant() == "refresh"
+    # preconditioning (4 d^3) overtakes forward, backward and factors (12 B d^2) at d = 3B
+    assert scaling.step_cost(290, 100, T_inv=10**6).dominant() == "per-example work"
+    assert scaling.step_cost(310, 100, T_inv=10**6).dominant() == "preconditioning"
+
+
+def test_step_cost_rejects_bad_input():
+    with pytest.raises(ValueError, match="fisher"):
+        scaling.step_cost(64, 64, fisher="type-2")
+    with pytest.raises(ValueError, match="positive"):
+        scaling.step_cost(64, 0)
+
+
+def test_layer_memory_and_the_vocabulary_layer():
+    memory = scaling.layer_memory(3, 5, element_size=8, bias=True)
+    assert memory.weights == 5 * 4 * 8
+    assert memory.factors == memory.inverses == (16 + 25) * 8
+    vocabulary = scaling.layer_memory(1024, 50_000, bias=False)
+    assert vocabulary.factors - 1024**2 * 4 == 10_000_000_000  # G alone: 10 GB in float32
+
+
+def test_factor_cost_forms():
+    d, m = 2500, 10
+    full = scaling.factor_cost(d, m, "full", eigh_constant=9)
+    assert (full.bytes, full.refresh_flops, full.apply_flops) == (
+        d * d * 4,
+        11 * d**3,
+        2 * d * d * m,
+    )
+    blocks = scaling.factor_cost(d, m, "blocks", block=1000)  # 1000, 1000, 500
+    assert blocks.bytes == (2 * 1000**2 + 500**2) * 4
+    assert blocks.refresh_flops == 11 * (2 * 1000**3 + 500**3)
+    assert scaling.factor_cost(d, m, "diagonal").bytes == d * 4
+    assert scaling.factor_cost(d, m, "identity").apply_flops == 0
+    with pytest.raises(ValueError, match="form"):
+        scaling.factor_cost(d, m, "low-rank")
+
+
+def test_fit_slope_recovers_a_known_exponent():
+    x = np.array(scaling.geometric_widths(64, 4096))
+    exact = scaling.fit_slope(x, 3e-9 * x**2.8)
+    assert exact.slope == pytest.approx(2.8) and exact.scale == pytest.approx(3e-9)
+    assert exact.points == 5  # the top two octaves: 1024 ... 4096
+    rng = np.random.default_rng(0)
+    noisy = scaling.fit_slope(x, x**3 * np.exp(0.05 * rng.standard_normal(len(x))), lower=64)
+    assert noisy.low < 3 < noisy.high and noisy.points == len(x)
+    assert noisy.verdict("eigh", 2.5, 3.3) == "eigh slope within [2.5, 3.3]: yes"
+    assert exact.verdict("eigh", 2.9, 3.3) == "eigh slope within [2.9, 3.3]: no"
+
+
+def test_fit_slope_rejects_bad_input():
+    with pytest.raises(ValueError, match="3 points"):
+        scaling.fit_slope([1, 2, 4, 16], [1, 2, 4, 16])
+    with pytest.raises(ValueError, match="positive"):
+        scaling.fit_slope([1, 2, 3], [0, 1, 2], lower=1)
+    with pytest.raises(ValueError, match="one length"):
+        scaling.fit_slope([1, 2, 3], [1, 2])
+
+
+def test_layer_pieces_compute_what_they_name():
+    pieces = scaling.layer_pieces(12, 5, CPU, torch.float64)
+    A, G = pieces["factors"]()
+    assert A.shape == G.shape == (12, 12)
+    values, vectors = pieces["eigh"]()
+    assert values.shape == (12,) and vectors.shape == (12, 12)
+    inverse = pieces["cholesky"]()
+    assert inverse.shape == (12, 12)
+    assert pieces["precondition"]().shape == (12, 12)
+
+
+def test_record_holds_every_sweep(record):
+    assert record.layer.widths == TINY.widths
+    assert all(len(t) == len(TINY.widths) and min(t) > 0 for t in record.layer.seconds.values())
+    assert record.layer.flop_rate() > 0 and record.layer.eigh_constant() > 0
+    assert [s.width for s in record.by_width] == TINY.step_widths
+    assert [s.batch for s in record.by_batch] == TINY.step_batches
+    assert [s.depth for s in record.by_depth] == TINY.depths
+    for s in record.by_width + record.by_batch + record.by_depth:
+        assert min(s.sgd_s, s.kfac_s, s.kfac_factors_s, s.refresh_s) > 0
+        assert s.sgd_peak_bytes is None and s.kfac_peak_bytes is None  # measured on CUDA only
+    assert record.environment["threads"] == scaling.TIMING_THREADS
+    assert record.environment["clock"] == "CPU time of one thread"
+    assert "slope" in record.report()
+
+
+def test_step_times_amortise_their_parts():
+    s = scaling.StepTimes(64, 32, 2, sgd_s=1.0, kfac_s=1.5, kfac_factors_s=3.5, refresh_s=10.0)
+    assert s.parts(T_cov=2, T_inv=5) == {
+        "forward_backward": 1.0,
+        "factors": 1.0,
+        "precondition": 0.5,
+        "refresh": 2.0,
+    }
+    assert s.step_seconds(2, 5) == 4.5 and s.overhead(2, 5) == 4.5
+    assert s.precondition_overhead == 0.5
+    assert s.dominant(1, 1) == "refresh" and s.dominant(1, 100) == "per-example work"
+
+
+def test_json_record_round_trips(record, tmp_path):
+    path = tmp_path / "scaling-cpu.json"
+    scaling.write_record(record, path)
+    data = json.loads(path.read_text())
+    assert data["schema"] == scaling.SCHEMA
+    assert {"device", "torch", "threads", "dtype", "clock"} <= set(data["environment"])
+    assert set(data["layer"]["seconds"]) == set(scaling.PIECES)
+    assert scaling.read_record(path) == record
+
+
+def test_read_record_names_what_is_wrong(record, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"schema": "something else"}))
+    with pytest.raises(ValueError, match="not a natlib.scaling/1 record"):
+        scaling.read_record(path)
+    scaling.write_record(record, path)
+    data = json.loads(path.read_text())
+    del data["by_batch"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="by_batch"):
+        scaling.read_record(path)
+
+
+def test_cli_writes_the_record(record, tmp_path, monkeypatch, capsys):
+    asked = []
+    monkeypatch.setattr(scaling, "benchmark", lambda device: asked.append(device) or record)
+    out = tmp_path / "data" / "scaling-cpu.json"
+    main(["bench", "scaling", "--device", "cpu", "--out", str(out)])
+    assert asked == ["cpu"] and "K-FAC scaling on" in capsys.readouterr().out
+    assert scaling.read_record(out) == record
+
+
+def test_benchmark_refuses_a_missing_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        scaling.benchmark("cuda")
+
+
+def test_harness_clock_and_memory_probe():
+    calls = []
+    assert bench.peak_memory_bytes(lambda: calls.append(1), CPU) is None and calls == [1]
+    spent = bench.median_seconds(lambda: sum(range(1000)), 0.01, clock=time.process_time)
+    assert 0 < spent < 1 and math.isfinite(spent)
+
+
+def test_cycle_seconds_runs_whole_refresh_cycles():
+    seconds = scaling.cycle_seconds(8, 4, 1, T_cov=1, T_inv=3, device=CPU, min_run_time=0.001)
+    assert 0 < seconds < 1
