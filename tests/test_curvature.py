@@ -4,28 +4,16 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
 from natlib import curvature, problems
 from natlib.losses import likelihood
 
-RTOL = 1e-10
 N = 5
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
-    """Relative Frobenius error below ``rtol``, reporting it when not."""
-    error = (actual - expected).norm() / expected.norm().clamp_min(1e-300)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert error <= rtol, f"relative error {error:.3e} > {rtol:.0e}"
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Reparametrised(nn.Module):

@@ -9,12 +9,7 @@ from natlib import curvature, kunstner, problems
 STARTS = [[2.0, 4.5], [1.0, 0.0], [4.5, 3.0], [-0.5, 3.0]]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.fixture

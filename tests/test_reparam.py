@@ -33,13 +33,7 @@ MAPS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """Exactness checks run in float64 (as ``natlib.setup`` arranges in the book)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.fixture
