@@ -7,11 +7,12 @@ executed, so a notebook saved half-run would pass. These tests close that gap.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from natlib.notebooks import book_notebooks
+from natlib.notebooks import BOOK, book_notebooks
 
 NOTEBOOKS = book_notebooks()
 
@@ -53,3 +54,35 @@ def test_no_error_outputs(path):
         if output["output_type"] == "error"
     ]
     assert not errors, f"{path.name}: code cells {errors} stored an error"
+
+
+CLAIM_CHAPTERS = {"a": "01_reparametrization", "b": "03_kfac", "c": "04_scaling"}
+VERDICT_TITLE = re.compile(r"```\{admonition\} Verdict[^\n]*?:\s*(confirmed|imprecise|wrong)")
+
+
+def preface_row(claim: str) -> str:
+    rows = [r for r in (BOOK / "index.md").read_text().splitlines() if r.startswith(f"| ({claim})")]
+    assert len(rows) == 1, f"the preface has {len(rows)} rows for claim ({claim})"
+    return rows[0]
+
+
+@pytest.mark.parametrize(("claim", "chapter"), sorted(CLAIM_CHAPTERS.items()))
+def test_preface_verdict_matches_the_chapter(claim, chapter):
+    path = BOOK / f"{chapter}.ipynb"
+    markdown = "".join(
+        "".join(cell["source"])
+        for cell in json.loads(path.read_text())["cells"]
+        if cell["cell_type"] == "markdown"
+    )
+    verdicts = VERDICT_TITLE.findall(markdown)
+    assert len(verdicts) == 1, f"{chapter} should end with one verdict admonition: {verdicts}"
+    row = preface_row(claim)
+    assert f"**{verdicts[0]}**" in row and f"<{chapter}>" in row, (
+        f"the preface's row for claim ({claim}) does not give {chapter}'s verdict "
+        f"'{verdicts[0]}' with a link to it"
+    )
+
+
+@pytest.mark.parametrize("claim", "def")
+def test_untested_claims_are_pending(claim):
+    assert "| pending" in preface_row(claim)
