@@ -21,7 +21,6 @@ and never form a matrix.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -126,21 +125,14 @@ def _output_factor(
     batch: _Batch, kind: Kind, mc_samples: int, generator: torch.Generator | None
 ) -> Tensor:
     r"""Cotangents :math:`b_{nk}` (``(N, K, C)``) with :math:`F = \sum_{nk} J_n^\top b_{nk}
-    b_{nk}^\top J_n`, the reduction factor included."""
-    lik, f = batch.likelihood, batch.output
-    r = lik.scale(f)
-    if kind == "exact":
-        return math.sqrt(r) * lik.hessian_factor(f).transpose(1, 2)
-    if kind == "mc":
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-        samples = lik.sample(f, mc_samples, generator)
-        return math.sqrt(r / mc_samples) * lik.gradient(f, samples).transpose(0, 1)
-    if kind == "empirical":
-        if batch.target is None:
-            raise ValueError('kind="empirical" uses the data labels: pass y.')
-        return math.sqrt(r) * lik.gradient(f, batch.target).unsqueeze(1)
-    raise ValueError(f"kind {kind!r} is not supported; use one of {KINDS}.")
+    b_{nk}^\top J_n`, the reduction factor included (see
+    :meth:`natlib.losses.Likelihood.fisher_cotangents`)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not supported; use one of {KINDS}.")
+    cotangents = batch.likelihood.fisher_cotangents(
+        batch.output, kind, batch.target, mc_samples, generator
+    )
+    return cotangents.transpose(0, 1)
 
 
 def _ggn_output_factor(batch: _Batch) -> Tensor:

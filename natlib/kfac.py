@@ -28,10 +28,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from natlib.losses import Likelihood, likelihood
+from natlib.losses import likelihood
 
 Fisher = Literal["type-2", "mc", "empirical"]
 FISHERS = ("type-2", "mc", "empirical")
+# K-FAC's names for the Fisher kinds of :meth:`natlib.losses.Likelihood.fisher_cotangents`.
+LIKELIHOOD_KIND = {"type-2": "exact", "mc": "mc", "empirical": "empirical"}
 DampingMode = Literal["exact", "pi"]
 DAMPING_MODES = ("exact", "pi")
 # Symmetric QR with eigenvectors costs about 9 n^3 flops (Golub & Van Loan, 2013, §8.3).
@@ -100,36 +102,6 @@ def linear_layers(model: nn.Module) -> list[LinearLayer]:
     if not layers:
         raise ValueError("the model has no parameters.")
     return layers
-
-
-def output_cotangents(
-    lik: Likelihood,
-    output: Tensor,
-    fisher: Fisher,
-    target: Tensor | None = None,
-    mc_samples: int = 1,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    r"""Output cotangents :math:`b_{nk}`, shape ``(K, N, C)``, for ``(N, C)`` outputs.
-
-    ``"type-2"``: the columns of :math:`\sqrt r B_n` with :math:`B_n B_n^\top = \Lambda_n`
-    (Martens & Grosse, 2015, §5); ``"mc"``: :math:`\sqrt{r/K}\,\nabla_f \ell(f_n, \tilde y_{nk})`
-    with :math:`\tilde y_{nk} \sim p(y \mid f_n)`; ``"empirical"``: :math:`\sqrt r\, \nabla_f
-    \ell(f_n, y_n)` at the data label (Kunstner et al., 2019).
-    """
-    r = lik.scale(output)
-    if fisher == "type-2":
-        return math.sqrt(r) * lik.hessian_factor(output).permute(2, 0, 1)
-    if fisher == "mc":
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-        samples = lik.sample(output, mc_samples, generator)
-        return math.sqrt(r / mc_samples) * lik.gradient(output, samples)
-    if fisher == "empirical":
-        if target is None:
-            raise ValueError('fisher="empirical" uses the data labels: pass y.')
-        return math.sqrt(r) * lik.gradient(output, target).unsqueeze(0)
-    raise ValueError(f"fisher {fisher!r} is not supported; use one of {FISHERS}.")
 
 
 class Recorder:
@@ -478,7 +450,7 @@ def kfac(
         output = lik.output_matrix(raw).detach()
         check_finite(output, "the model output")
         target = None if y is None else lik.target_matrix(raw, y)
-        b = output_cotangents(lik, output, fisher, target, mc_samples, generator)
+        b = lik.fisher_cotangents(output, LIKELIHOOD_KIND[fisher], target, mc_samples, generator)
         cotangents = b.reshape(b.shape[0], *raw.shape)
         G = recorder.gradient_factors(raw, cotangents)
         A = recorder.input_factors()

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 Reduction = Literal["mean", "sum"]
+FisherKind = Literal["exact", "mc", "empirical"]
+FISHER_KINDS = ("exact", "mc", "empirical")
 SUPPORTED = "CrossEntropyLoss, MSELoss, BCEWithLogitsLoss (reduction 'mean' or 'sum')"
 
 
@@ -71,6 +73,37 @@ class Likelihood(ABC):
     @abstractmethod
     def sample(self, output: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
         r"""``num_samples`` targets per example from :math:`p(y \mid f_n)`, stacked first."""
+
+    def fisher_cotangents(
+        self,
+        output: Tensor,
+        kind: FisherKind,
+        target: Tensor | None = None,
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Output cotangents :math:`b_{kn}`, shape ``(K, N, C)``, with
+        :math:`F = \sum_{kn} J_n^\top b_{kn} b_{kn}^\top J_n` (reduction factor included).
+
+        ``"exact"``: the columns of :math:`\sqrt r B_n`, :math:`B_n B_n^\top = \Lambda_n`
+        (K-FAC's type-2 Fisher, Martens & Grosse, 2015, §5); ``"mc"``:
+        :math:`\sqrt{r/K}\,\nabla_f \ell(f_n, \tilde y_{kn})` with
+        :math:`\tilde y_{kn} \sim p(y \mid f_n)`; ``"empirical"``:
+        :math:`\sqrt r\, \nabla_f \ell(f_n, y_n)` at the data labels (Kunstner et al., 2019).
+        """
+        r = self.scale(output)
+        if kind == "exact":
+            return math.sqrt(r) * self.hessian_factor(output).permute(2, 0, 1)
+        if kind == "mc":
+            if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+                raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+            samples = self.sample(output, mc_samples, generator)
+            return math.sqrt(r / mc_samples) * self.gradient(output, samples)
+        if kind == "empirical":
+            if target is None:
+                raise ValueError("the empirical Fisher uses the data labels: pass y.")
+            return math.sqrt(r) * self.gradient(output, target).unsqueeze(0)
+        raise ValueError(f"Fisher kind {kind!r} is not supported; use one of {FISHER_KINDS}.")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from natlib.curvature import fisher as dense_fisher
 from natlib.kfac import (
     DAMPING_MODES,
     FISHERS,
+    LIKELIHOOD_KIND,
     DampedInverse,
     DampingMode,
     Fisher,
@@ -34,7 +35,6 @@ from natlib.kfac import (
     eigh,
     gradient_factor,
     linear_layers,
-    output_cotangents,
 )
 from natlib.losses import likelihood
 
@@ -153,8 +153,8 @@ class KFAC(torch.optim.Optimizer):
             for layer in self.layers:
                 recorder.outputs[layer.name].register_hook(self._keep_gradient(layer, r, pending))
         else:
-            b = output_cotangents(
-                self.likelihood, f, self.fisher, None, self.mc_samples, self.generator
+            b = self.likelihood.fisher_cotangents(
+                f, LIKELIHOOD_KIND[self.fisher], None, self.mc_samples, self.generator
             )
             cotangents = b.reshape(b.shape[0], *output.shape)
             pending["G"] = recorder.gradient_factors(output, cotangents, retain_graph=True)
