@@ -21,7 +21,8 @@ def execute(paths: Sequence[Path], timeout: int = 600) -> None:
     """Execute each notebook top to bottom in a fresh kernel and write it back with outputs.
 
     The kernel starts in the notebook's folder (as nbval starts it), so relative paths such as
-    ``data/...`` mean the same under both. Prints one progress line per notebook.
+    ``data/...`` mean the same under both. Prints a line when each notebook starts and ends
+    (the kernel's own start-up warnings can come in between).
     """
     import nbformat
     from nbclient import NotebookClient
@@ -30,7 +31,7 @@ def execute(paths: Sequence[Path], timeout: int = 600) -> None:
         path = Path(path)
         if path.suffix != ".ipynb" or not path.is_file():
             raise FileNotFoundError(f"{path} is not a notebook file (.ipynb).")
-        print(f"[{i}/{len(paths)}] executing {path} ...", end="", flush=True)
+        print(f"[{i}/{len(paths)}] executing {path}", flush=True)
         start = time.perf_counter()
         notebook = nbformat.read(path, as_version=4)
         client = NotebookClient(
@@ -41,4 +42,4 @@ def execute(paths: Sequence[Path], timeout: int = 600) -> None:
         )
         client.execute()
         nbformat.write(notebook, path)
-        print(f" done in {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"[{i}/{len(paths)}] {path} done in {time.perf_counter() - start:.1f} s", flush=True)

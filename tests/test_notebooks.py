@@ -86,3 +86,29 @@ def test_preface_verdict_matches_the_chapter(claim, chapter):
 @pytest.mark.parametrize("claim", "def")
 def test_untested_claims_are_pending(claim):
     assert "| pending" in preface_row(claim)
+
+
+def test_execute_writes_outputs_in_order(tmp_path, capsys):
+    import nbformat
+
+    from natlib.notebooks import execute
+
+    path = tmp_path / "tiny.ipynb"
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [
+        nbformat.v4.new_code_cell("x = 20"),
+        nbformat.v4.new_code_cell("print(x + 1)"),
+    ]
+    nbformat.write(notebook, path)
+    execute([path], timeout=60)
+    cells = code_cells(path)
+    assert [cell["execution_count"] for cell in cells] == [1, 2]
+    assert "".join(cells[1]["outputs"][0]["text"]) == "21\n"
+    assert "[1/1] executing" in capsys.readouterr().out
+
+
+def test_execute_rejects_a_non_notebook(tmp_path):
+    from natlib.notebooks import execute
+
+    with pytest.raises(FileNotFoundError, match=r"not a notebook file \(\.ipynb\)"):
+        execute([tmp_path / "missing.ipynb"])
