@@ -23,17 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.utils import parameters_to_vector
 
-from natlib.losses import Likelihood, likelihood
+from natlib.losses import FISHER_KINDS, FisherKind, Likelihood, likelihood
 
-Kind = Literal["exact", "mc", "empirical"]
-KINDS = ("exact", "mc", "empirical")
+Kind = FisherKind
+KINDS = FISHER_KINDS
 Forward = Callable[[Tensor, Tensor], Tensor]
 Product = Callable[[Tensor], Tensor]
 
@@ -127,8 +126,6 @@ def _output_factor(
     r"""Cotangents :math:`b_{nk}` (``(N, K, C)``) with :math:`F = \sum_{nk} J_n^\top b_{nk}
     b_{nk}^\top J_n`, the reduction factor included (see
     :meth:`natlib.losses.Likelihood.fisher_cotangents`)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind {kind!r} is not supported; use one of {KINDS}.")
     cotangents = batch.likelihood.fisher_cotangents(
         batch.output, kind, batch.target, mc_samples, generator
     )
