@@ -11,18 +11,28 @@ from natlib.runtime import device, setup
 
 SUBMODULES = (
     "bench",
+    "checks",
+    "costmodel",
     "curvature",
+    "exact",
+    "factors",
+    "hooks",
+    "interface",
     "kfac",
     "kunstner",
+    "layout",
+    "linalg",
     "losses",
     "notebooks",
     "optim",
     "plotting",
     "problems",
+    "reference",
     "reparam",
     "runtime",
     "scaling",
     "symbolic",
+    "timing",
 )
 
 __all__ = ["device", "setup", *SUBMODULES]

@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be written (its folder is created if missing), or ``None``."""
+    if path.is_dir():
+        return f"{path} is a folder; give a file name."
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"{path} is not writable."
+    folder = path.parent
+    while not folder.exists():  # write_json creates the missing folders
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder."
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable."
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
     bench.add_argument("name", choices=["curvature", "kfac", "scaling"], help="which benchmark")
     bench.add_argument("--json", "--out", type=Path, help="also write the numbers as JSON here")
-    bench.add_argument("--device", choices=["cpu", "cuda"], help="scaling: where to time it")
+    bench.add_argument(
+        "--device", choices=["cpu", "cuda"], help="where to run it (default: natlib.device())"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "notebooks":
@@ -23,18 +42,25 @@ def main(argv: list[str] | None = None) -> None:
 
         execute(args.paths or book_notebooks(), timeout=args.timeout)
     elif args.command == "bench":
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda asks for a GPU, but torch sees no CUDA device.")
+        if args.json is not None and (reason := _unwritable(args.json)):
+            parser.error(f"--out: {reason}")
+
         from natlib import bench as benchmarks
-        from natlib import scaling
+        from natlib import scaling, timing
 
         chosen = {
-            "curvature": benchmarks.curvature_benchmark,
-            "kfac": benchmarks.kfac_benchmark,
+            "curvature": lambda: benchmarks.curvature_benchmark(device=args.device),
+            "kfac": lambda: benchmarks.kfac_benchmark(device=args.device),
             "scaling": lambda: scaling.benchmark(args.device),
         }
         result = chosen[args.name]()
         print(result.report())
         if args.json:
-            benchmarks.write_json(result, args.json)
+            timing.write_json(result, args.json)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.utils import parameters_to_vector
 
-from natlib.losses import FISHER_KINDS, FisherKind, Likelihood, likelihood
+from natlib.checks import check_finite, check_positive
+from natlib.layout import ParamLayout
+from natlib.linalg import conjugate_gradient, gram
+from natlib.losses import FisherKind, Likelihood, likelihood
 
-Kind = FisherKind
-KINDS = FISHER_KINDS
 Forward = Callable[[Tensor, Tensor], Tensor]
 Product = Callable[[Tensor], Tensor]
 
-_GRAM_LEAF = 1024  # column blocks at most this wide are multiplied as a whole
 _ROW_BUDGET = 2**26  # entries of the row matrix M formed at once (512 MiB in float64)
 _HESSIAN_CHUNK = 256  # Hessian columns computed per vectorised batch
 
@@ -51,18 +51,8 @@ def flat_forward(model: nn.Module) -> tuple[Forward, Tensor]:
     Raises:
         ValueError: if the model has no parameters or one of them does not require grad.
     """
-    named = list(model.named_parameters())
-    if not named:
-        raise ValueError("the model has no parameters.")
-    frozen = [name for name, p in named if not p.requires_grad]
-    if frozen:
-        raise ValueError(
-            f"parameters {frozen} do not require grad; curvature is defined over all "
-            "parameters, so set requires_grad=True or wrap the trainable part in its own module."
-        )
-    names = [name for name, _ in named]
-    shapes = [p.shape for _, p in named]
-    sizes = [p.numel() for _, p in named]
+    layout = ParamLayout.of(model)
+    names, shapes, sizes = layout.names, layout.shapes, layout.sizes
     buffers = dict(model.named_buffers())
 
     def forward(theta: Tensor, X: Tensor) -> Tensor:
@@ -70,7 +60,7 @@ def flat_forward(model: nn.Module) -> tuple[Forward, Tensor]:
         params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
         return functional_call(model, (params, buffers), (X,))
 
-    return forward, parameters_to_vector(p for _, p in named).detach()
+    return forward, parameters_to_vector(model.parameters()).detach()
 
 
 @dataclass(frozen=True)
@@ -110,18 +100,13 @@ def _batch(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor | None) ->
             "it must keep the batch dimension first."
         )
     output = lik.output_matrix(raw)
-    _check_finite(output, "the model output")
+    check_finite(output, "the model output")
     target = None if y is None else lik.target_matrix(raw, y)
     return _Batch(forward, theta, X, y, loss_fn, lik, output, raw.shape, target)
 
 
-def _check_finite(tensor: Tensor, what: str) -> None:
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{what} contains NaN or Inf.")
-
-
 def _output_factor(
-    batch: _Batch, kind: Kind, mc_samples: int, generator: torch.Generator | None
+    batch: _Batch, kind: FisherKind, mc_samples: int, generator: torch.Generator | None
 ) -> Tensor:
     r"""Cotangents :math:`b_{nk}` (``(N, K, C)``) with :math:`F = \sum_{nk} J_n^\top b_{nk}
     b_{nk}^\top J_n`, the reduction factor included (see
@@ -161,30 +146,6 @@ def _rows(batch: _Batch, X: Tensor, cotangents: Tensor) -> Tensor:
     return vmap(per_example)(X, cotangents).flatten(0, 1)
 
 
-def gram(M: Tensor) -> Tensor:
-    r""":math:`M^\top M`, computing only the upper block triangle and mirroring it.
-
-    Splits the columns in halves recursively: :math:`[M_1\ M_2]^\top [M_1\ M_2]` needs
-    :math:`M_1^\top M_1`, :math:`M_2^\top M_2` (recursively) and one product
-    :math:`M_1^\top M_2`, so the cost tends to half a general matrix product.
-    """
-    out = M.new_empty(M.shape[1], M.shape[1])
-
-    def fill(lo: int, hi: int) -> None:
-        if hi - lo <= _GRAM_LEAF:
-            out[lo:hi, lo:hi] = M[:, lo:hi].T @ M[:, lo:hi]
-            return
-        mid = (lo + hi) // 2
-        fill(lo, mid)
-        fill(mid, hi)
-        off = M[:, lo:mid].T @ M[:, mid:hi]
-        out[lo:mid, mid:hi] = off
-        out[mid:hi, lo:mid] = off.T
-
-    fill(0, M.shape[1])
-    return out
-
-
 def _gram_of_rows(batch: _Batch, cotangents: Tensor) -> Tensor:
     r""":math:`\sum_{nk} J_n^\top b_{nk} b_{nk}^\top J_n`, in chunks of examples."""
     n, k, _ = cotangents.shape
@@ -194,15 +155,51 @@ def _gram_of_rows(batch: _Batch, cotangents: Tensor) -> Tensor:
     for lo in range(0, n, chunk):
         g = gram(_rows(batch, batch.X[lo : lo + chunk], cotangents[lo : lo + chunk]))
         out = g if out is None else out.add_(g)
-    _check_finite(out, "the curvature matrix")
+    check_finite(out, "the curvature matrix")
     return out
+
+
+def fisher_cotangents(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor | None = None,
+    kind: FisherKind = "exact",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""The output cotangents :math:`b_{nk}`, ``(N, K, C)``, of the Fisher of :func:`fisher`
+    (same arguments): :math:`F = \sum_{nk} J_n^\top b_{nk} b_{nk}^\top J_n`."""
+    return _output_factor(_batch(model, loss_fn, X, y), kind, mc_samples, generator)
+
+
+def gram_of_cotangents(
+    model: nn.Module, loss_fn: nn.Module, X: Tensor, cotangents: Tensor
+) -> Tensor:
+    r""":math:`\sum_{nk} J_n^\top b_{nk} b_{nk}^\top J_n`, ``(P, P)``, for output cotangents
+    ``(N, K, C)`` (from :func:`fisher_cotangents`, or a training loop's output gradient)."""
+    return _gram_of_rows(_batch(model, loss_fn, X, None), cotangents)
+
+
+def cotangent_product(
+    model: nn.Module, loss_fn: nn.Module, X: Tensor, cotangents: Tensor
+) -> Product:
+    r"""The map :math:`v \mapsto \sum_{nk} J_n^\top b_{nk} (b_{nk}^\top J_n v)` for output
+    cotangents ``(N, K, C)``, matrix-free."""
+    batch = _batch(model, loss_fn, X, None)
+    b = cotangents
+
+    def output_product(u: Tensor) -> Tensor:
+        return torch.einsum("nkc,nk->nc", b, torch.einsum("nkc,nc->nk", b, u))
+
+    return _checked(_outer_product(batch, output_product), batch.theta.numel(), "Fisher")
 
 
 def flat_gradient(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
     r"""The gradient :math:`\nabla_\theta L`, flat in parameter order."""
     batch = _batch(model, loss_fn, X, y)
     g = grad(batch.loss)(batch.theta)
-    _check_finite(g, "the gradient")
+    check_finite(g, "the gradient")
     return g
 
 
@@ -213,7 +210,7 @@ def hessian(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tenso
     product = _hessian_product(batch)
     eye = torch.eye(batch.theta.numel(), dtype=batch.theta.dtype, device=batch.theta.device)
     out = vmap(product, chunk_size=_HESSIAN_CHUNK)(eye)
-    _check_finite(out, "the Hessian")
+    check_finite(out, "the Hessian")
     return out
 
 
@@ -232,7 +229,7 @@ def fisher(
     loss_fn: nn.Module,
     X: Tensor,
     y: Tensor | None = None,
-    kind: Kind = "exact",
+    kind: FisherKind = "exact",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
 ) -> Tensor:
@@ -306,20 +303,15 @@ def fisher_product(
     loss_fn: nn.Module,
     X: Tensor,
     y: Tensor | None = None,
-    kind: Kind = "exact",
+    kind: FisherKind = "exact",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
 ) -> Product:
     r"""The map :math:`v \mapsto Fv = \sum_{nk} J_n^\top b_{nk} (b_{nk}^\top J_n v)` for the
     Fisher of :func:`fisher` (same arguments). Monte-Carlo targets are drawn once, so the map
     is one fixed linear operator."""
-    batch = _batch(model, loss_fn, X, y)
-    b = _output_factor(batch, kind, mc_samples, generator)
-
-    def output_product(u: Tensor) -> Tensor:
-        return torch.einsum("nkc,nk->nc", b, torch.einsum("nkc,nc->nk", b, u))
-
-    return _checked(_outer_product(batch, output_product), batch.theta.numel(), "Fisher")
+    b = fisher_cotangents(model, loss_fn, X, y, kind, mc_samples, generator)
+    return cotangent_product(model, loss_fn, X, b)
 
 
 def _checked(product: Product, size: int, what: str) -> Product:
@@ -327,62 +319,10 @@ def _checked(product: Product, size: int, what: str) -> Product:
         if v.shape != (size,):
             raise ValueError(f"v must have shape ({size},), got {tuple(v.shape)}.")
         out = product(v)
-        _check_finite(out, f"the {what}-vector product")
+        check_finite(out, f"the {what}-vector product")
         return out
 
     return checked
-
-
-@dataclass(frozen=True)
-class CGResult:
-    """The outcome of :func:`conjugate_gradient`."""
-
-    x: Tensor
-    iterations: int
-    residual: float  # relative residual ||b - Ax|| / ||b||
-    converged: bool
-
-
-def conjugate_gradient(
-    matvec: Product, b: Tensor, tol: float = 1e-10, max_iter: int | None = None
-) -> CGResult:
-    r"""Solve :math:`Ax = b` for symmetric positive definite :math:`A` given as ``matvec``.
-
-    Conjugate gradients (Nocedal & Wright, 2006, Alg. 5.2), started at :math:`x = 0`, stopping
-    when :math:`\lVert b - Ax \rVert \le \mathrm{tol} \lVert b \rVert` or after ``max_iter``
-    iterations (default: the dimension).
-
-    Raises:
-        ValueError: if a search direction has non-positive curvature (:math:`A` is not
-            positive definite).
-    """
-    if tol <= 0:
-        raise ValueError(f"tol must be positive, got {tol}.")
-    max_iter = b.numel() if max_iter is None else max_iter
-    x = torch.zeros_like(b)
-    r = b.clone()
-    d = r.clone()
-    rr = r @ r
-    b_norm = b.norm()
-    if b_norm == 0:
-        return CGResult(x, 0, 0.0, True)
-    iterations = 0
-    while iterations < max_iter and rr.sqrt() > tol * b_norm:
-        ad = matvec(d)
-        curvature = d @ ad
-        if curvature <= 0:
-            raise ValueError(
-                f"conjugate gradients met non-positive curvature {curvature.item():.3g}; "
-                "the matrix is not positive definite (add damping)."
-            )
-        alpha = rr / curvature
-        x = x + alpha * d
-        r = r - alpha * ad
-        rr, rr_old = r @ r, rr
-        d = r + (rr / rr_old) * d
-        iterations += 1
-    residual = (rr.sqrt() / b_norm).item()
-    return CGResult(x, iterations, residual, residual <= tol)
 
 
 def natural_gradient(
@@ -391,7 +331,7 @@ def natural_gradient(
     X: Tensor,
     y: Tensor,
     damping: float,
-    kind: Kind = "exact",
+    kind: FisherKind = "exact",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
     tol: float = 1e-10,
@@ -406,8 +346,7 @@ def natural_gradient(
         ValueError: if ``damping`` is not positive.
         RuntimeError: if conjugate gradients do not reach ``tol`` within ``max_iter``.
     """
-    if not damping > 0:
-        raise ValueError(f"damping must be positive, got {damping}.")
+    check_positive("damping", damping)
     product = fisher_product(model, loss_fn, X, y, kind, mc_samples, generator)
     g = flat_gradient(model, loss_fn, X, y)
     result = conjugate_gradient(lambda v: product(v) + damping * v, g, tol, max_iter)

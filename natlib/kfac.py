@@ -11,296 +11,169 @@ K-FAC replaces it by :math:`A \otimes G` with
 .. math:: A = \tfrac1N \sum_n \bar a_n \bar a_n^\top, \qquad G = \sum_{nk} g_{nk} g_{nk}^\top
 
 (Martens & Grosse, 2015, §3). The cotangents carry the loss's reduction factor, so that
-:math:`A \otimes G` equals the exact block for a batch of one example, and for deep linear
-networks with ``MSELoss`` at any batch size (there :math:`g_{nk}` does not depend on n).
-PyTorch flattens weights row-major, where the same block reads :math:`G \otimes A`;
-:meth:`KFACApproximation.to_dense` permutes it into ``parameters_to_vector`` order.
+:math:`A \otimes G` equals the exact block for a batch of one example, and the exact
+*diagonal* blocks for deep linear networks with ``MSELoss`` at any batch size (there
+:math:`g_{nk}` does not depend on n). PyTorch flattens weights row-major, where the same block
+reads :math:`G \otimes A`; :meth:`KFACApproximation.to_dense` permutes it into
+``parameters_to_vector`` order.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from natlib.losses import likelihood
-
-Fisher = Literal["type-2", "mc", "empirical"]
-FISHERS = ("type-2", "mc", "empirical")
-# K-FAC's names for the Fisher kinds of :meth:`natlib.losses.Likelihood.fisher_cotangents`.
-LIKELIHOOD_KIND = {"type-2": "exact", "mc": "mc", "empirical": "empirical"}
-DampingMode = Literal["exact", "pi"]
-DAMPING_MODES = ("exact", "pi")
-# Symmetric QR with eigenvectors costs about 9 n^3 flops (Golub & Van Loan, 2013, §8.3).
-EIGH_FLOPS_PER_CUBE = 9
-
-
-@dataclass(frozen=True)
-class LinearLayer:
-    """Where one ``nn.Linear`` layer sits in the model and in the flat parameter vector."""
-
-    name: str
-    module: nn.Linear = field(repr=False, compare=False)
-    d_in: int
-    d_out: int
-    bias: bool
-
-    @property
-    def d_a(self) -> int:
-        """Size of the input factor :math:`A`: :math:`d_\\text{in}` plus one with a bias."""
-        return self.d_in + int(self.bias)
-
-    @property
-    def numel(self) -> int:
-        return self.d_out * self.d_a
-
-    def join(self, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """The ``(d_out, d_a)`` matrix :math:`[W \\mid b]` of a weight-shaped and bias pair."""
-        return weight if bias is None else torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
-
-    def split(self, matrix: Tensor) -> list[Tensor]:
-        """Inverse of :meth:`join`: ``[weight]`` or ``[weight, bias]``."""
-        if not self.bias:
-            return [matrix]
-        return [matrix[..., : self.d_in], matrix[..., self.d_in]]
-
-    def permutation(self, device: torch.device | None = None) -> Tensor:
-        """Indices into row-major :math:`\\mathrm{vec}([W \\mid b])` in parameter order
-        (weight row-major, then bias)."""
-        index = torch.arange(self.numel, device=device).view(self.d_out, self.d_a)
-        if not self.bias:
-            return index.flatten()
-        return torch.cat([index[:, : self.d_in].flatten(), index[:, self.d_in]])
+from natlib import costmodel
+from natlib.checks import (
+    check_choice,
+    check_finite,
+    check_positive,
+    check_positive_int,
+    check_unit_interval,
+)
+from natlib.factors import Recorder, fisher_cotangents, gradient_factor
+from natlib.interface import Flops, RunningCurvature, Watcher
+from natlib.layout import LinearLayer, ParamLayout
+from natlib.linalg import (
+    DampingMode,
+    Eigen,
+    EigenInverse,
+    FactoredInverse,
+    KroneckerInverse,
+    damped_inverse,
+    eigh,
+)
+from natlib.losses import FisherKind, likelihood
 
 
-def linear_layers(model: nn.Module) -> list[LinearLayer]:
-    """The model's layers in parameter order, all of them ``nn.Linear``.
-
-    Raises:
-        ValueError: if a module with parameters is not an ``nn.Linear``, a parameter is
-            frozen, or the model has no parameters.
-    """
-    layers = []
-    for name, module in model.named_modules():
-        own = list(module.parameters(recurse=False))
-        if not own:
-            continue
-        if type(module) is not nn.Linear:
-            raise ValueError(
-                f"layer {name or '<root>'!r} ({type(module).__name__}) has parameters, but "
-                "K-FAC here supports only nn.Linear layers (with or without bias)."
-            )
-        if not all(p.requires_grad for p in own):
-            raise ValueError(f"layer {name or '<root>'!r} has frozen parameters; unfreeze them.")
-        has_bias = module.bias is not None
-        layers.append(LinearLayer(name, module, module.in_features, module.out_features, has_bias))
-    if not layers:
-        raise ValueError("the model has no parameters.")
-    return layers
-
-
-class Recorder:
-    """Forward hooks that keep each ``nn.Linear`` layer's input and output while active."""
-
-    def __init__(self, layers: Sequence[LinearLayer]) -> None:
-        self.layers = list(layers)
-        self.inputs: dict[str, Tensor] = {}
-        self.outputs: dict[str, Tensor] = {}
-        self.active = False
-        self._handles = [
-            layer.module.register_forward_hook(self._hook(layer.name)) for layer in self.layers
-        ]
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not self.active:
-                return
-            if name in self.inputs:
-                raise ValueError(
-                    f"layer {name!r} ran twice in one forward pass; K-FAC here supports each "
-                    "nn.Linear applied once."
-                )
-            if args[0].ndim != 2:
-                raise ValueError(
-                    f"layer {name!r} got input of shape {tuple(args[0].shape)}; K-FAC here "
-                    "supports (N, d_in) inputs."
-                )
-            self.inputs[name] = args[0].detach()
-            self.outputs[name] = output
-
-        return hook
-
-    def start(self) -> None:
-        self.inputs, self.outputs, self.active = {}, {}, True
-
-    def stop(self) -> None:
-        self.active = False
-        missing = [layer.name for layer in self.layers if layer.name not in self.inputs]
-        if missing:
-            raise ValueError(f"layers {missing} did not run in the forward pass.")
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def input_factors(self) -> dict[str, Tensor]:
-        r""":math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top` for every layer."""
-        return {
-            layer.name: input_factor(self.inputs[layer.name], layer.bias) for layer in self.layers
-        }
-
-    def gradient_factors(
-        self, output: Tensor, cotangents: Tensor, retain_graph: bool = False
-    ) -> dict[str, Tensor]:
-        r""":math:`G = \sum_{nk} g_{nk} g_{nk}^\top` by one backward pass of the cotangents,
-        shape ``(K, *output.shape)``, to every layer's output (vectorised over k)."""
-        outputs = [self.outputs[layer.name] for layer in self.layers]
-        batched = cotangents.shape[0] > 1
-        grads = torch.autograd.grad(
-            output,
-            outputs,
-            cotangents if batched else cotangents[0],
-            retain_graph=retain_graph,
-            is_grads_batched=batched,
-            materialize_grads=True,
-        )
-        return {
-            layer.name: gradient_factor(g.reshape(-1, layer.d_out))
-            for layer, g in zip(self.layers, grads)
-        }
-
-
-def input_factor(a: Tensor, bias: bool) -> Tensor:
-    r""":math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top`, :math:`\bar a = (a, 1)` with a bias."""
-    if bias:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-    return (a.T @ a).div_(a.shape[0])
-
-
-def gradient_factor(g: Tensor) -> Tensor:
-    r""":math:`G = \sum_{m} g_m g_m^\top` over the rows of ``g``."""
-    return g.T @ g
-
-
-def check_finite(tensor: Tensor, what: str) -> None:
-    """Raise ``ValueError`` naming ``what`` if ``tensor`` holds NaN or Inf."""
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{what} contains NaN or Inf.")
-
-
-def eigh(matrix: Tensor, what: str) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (clamped at zero) and eigenvectors of a symmetric PSD factor.
-
-    A float32 decomposition that fails or returns non-finite values is retried in float64.
-    """
-    check_finite(matrix, what)
-    try:
-        values, vectors = torch.linalg.eigh(matrix)
-        ok = bool(torch.isfinite(values).all() and torch.isfinite(vectors).all())
-    except torch.linalg.LinAlgError:
-        if matrix.dtype == torch.float64:
-            raise
-        ok = False
-    if not ok:
-        values, vectors = torch.linalg.eigh(matrix.double())
-        values, vectors = values.to(matrix.dtype), vectors.to(matrix.dtype)
-    return values.clamp_min(0.0), vectors
-
-
-def check_damping(damping: float) -> None:
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
-        raise ValueError(f"damping must be a positive finite number, got {damping!r}.")
-
-
-@dataclass(frozen=True)
-class DampedInverse:
-    r"""One layer's damped inverse, ready to apply to gradient matrices :math:`V = [dW \mid db]`.
-
-    ``"exact"``: :math:`(A \otimes G + \lambda I)^{-1}\mathrm{vec}(V) = \mathrm{vec}(Q_G
-    [(Q_G^\top V Q_A) \oslash (g a^\top + \lambda)] Q_A^\top)` from the eigendecompositions
-    :math:`A = Q_A \mathrm{diag}(a) Q_A^\top`, :math:`G = Q_G \mathrm{diag}(g) Q_G^\top`
-    (``left`` :math:`= Q_G`, ``right`` :math:`= Q_A`, ``scale`` the reciprocal).
-    ``"pi"``: the factored Tikhonov damping :math:`(A + \pi\sqrt\lambda I) \otimes (G +
-    \sqrt\lambda/\pi\, I)` with :math:`\pi^2 = (\mathrm{tr} A / d_A) / (\mathrm{tr} G / d_G)`
-    (Martens & Grosse, 2015, §6.3): ``left`` and ``right`` are the two damped inverses.
-    """
-
-    left: Tensor
-    right: Tensor
-    scale: Tensor | None = None
-
-    @classmethod
-    def of(
-        cls,
-        eigen_a: tuple[Tensor, Tensor],
-        eigen_g: tuple[Tensor, Tensor],
-        damping: float,
-        mode: DampingMode,
-    ) -> DampedInverse:
-        """Build from the eigendecompositions ``(values, vectors)`` of :math:`A` and :math:`G`
-        (see :func:`eigh`)."""
-        check_damping(damping)
-        (a, QA), (g, QG) = eigen_a, eigen_g
-        if mode == "exact":
-            return cls(QG, QA, 1.0 / (g.unsqueeze(1) * a.unsqueeze(0) + damping))
-        if mode != "pi":
-            raise ValueError(f"damping mode {mode!r} is not supported; use one of {DAMPING_MODES}.")
-        pi = pi_factor(a, g)
-        root = math.sqrt(damping)
-        return cls((QG / (g + root / pi)) @ QG.T, (QA / (a + pi * root)) @ QA.T)
-
-    def apply(self, V: Tensor) -> Tensor:
-        """The damped inverse applied to ``V`` (``(..., d_out, d_A)``), in the same shape."""
-        if self.scale is None:
-            return self.left @ V @ self.right
-        inner = self.left.T @ V @ self.right
-        return self.left @ (inner * self.scale) @ self.right.T
-
-
-def pi_factor(a: Tensor, g: Tensor) -> Tensor:
-    r""":math:`\pi = \sqrt{(\mathrm{tr} A / d_A) / (\mathrm{tr} G / d_G)}` from the factors'
-    eigenvalues; 1 when either trace vanishes."""
-    ratio = (a.mean() / g.mean()).sqrt()
-    return torch.where(torch.isfinite(ratio) & (ratio > 0), ratio, torch.ones_like(ratio))
-
-
-@dataclass(frozen=True)
-class KFACCost:
-    """Sizes and floating-point operation counts of a K-FAC approximation (all layers)."""
-
-    factor_numel: int  # entries of all A and G
-    factor_bytes: int
-    factor_flops: int  # forming A and G from the batch
-    decomposition_flops: int  # eigendecompositions of every A and G (estimate)
-    solve_flops: dict[str, int]  # one solve, by damping mode
-
-
-class KFACApproximation:
+class KFACApproximation(RunningCurvature):
     r"""The block-diagonal K-FAC approximation :math:`\mathrm{diag}_l(A_l \otimes G_l)`.
 
+    Its damped inverse is cached by :meth:`refresh` in ``damping_mode`` ``"exact"``
+    (:class:`natlib.linalg.EigenInverse`) or factored ``"pi"``
+    (:class:`natlib.linalg.FactoredInverse`).
+
     Attributes:
-        layers: the model's layers in parameter order.
+        layout: the model's parameter layout; its ``blocks`` are the ``nn.Linear`` layers.
         factors: ``{layer name: (A, G)}``.
-        batch_size, num_cotangents: N and K of the batch the factors come from.
+        batch_size, num_cotangents: N and K of the (last) batch the factors come from.
+        eigen: ``{layer name: (eigen of A, eigen of G)}`` at the last refresh.
     """
 
     def __init__(
         self,
-        layers: Sequence[LinearLayer],
+        layout: ParamLayout,
         factors: dict[str, tuple[Tensor, Tensor]],
         batch_size: int,
         num_cotangents: int,
+        kind: FisherKind = "exact",
+        damping_mode: DampingMode = "pi",
     ) -> None:
-        self.layers = list(layers)
+        check_choice("Fisher kind", kind, FisherKind)
+        check_choice("damping mode", damping_mode, DampingMode)
+        if not all(isinstance(layer, LinearLayer) for layer in layout.blocks):
+            raise ValueError(
+                "K-FAC needs a layout of nn.Linear layers: ParamLayout.of(model, True)."
+            )
+        for layer in layout.blocks:
+            A, G = factors[layer.name]
+            if A.shape != (layer.d_a, layer.d_a) or G.shape != (layer.d_out, layer.d_out):
+                raise ValueError(
+                    f"factors of layer {layer.name!r} have shapes {tuple(A.shape)} and "
+                    f"{tuple(G.shape)}; the layer needs ({layer.d_a}, {layer.d_a}) and "
+                    f"({layer.d_out}, {layer.d_out})."
+                )
+            check_finite(A, f"factor A of layer {layer.name!r}")
+            check_finite(G, f"factor G of layer {layer.name!r}")
+        self.layout = layout
         self.factors = factors
-        self.batch_size = batch_size
-        self.num_cotangents = num_cotangents
-        self._eigen: dict[str, tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] = {}
+        self.batch_size, self.num_cotangents = batch_size, num_cotangents
+        self.kind, self.damping_mode = kind, damping_mode
+        self.eigen: dict[str, tuple[Eigen, Eigen]] = {}
+        self._inverse: dict[str, KroneckerInverse] = {}
+        self._damping: float | None = None
+
+    @property
+    def layers(self) -> tuple[LinearLayer, ...]:
+        return self.layout.blocks  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.factors.values()))[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.factors.values()))[0].device
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_batch(
+        cls,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        X: Tensor,
+        y: Tensor | None = None,
+        *,
+        kind: FisherKind = "exact",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        damping_mode: DampingMode = "pi",
+    ) -> KFACApproximation:
+        r"""K-FAC factors of every ``nn.Linear`` layer on the batch ``X``.
+
+        Args:
+            kind: ``"exact"`` (the type-2 Fisher: exact output-space Fisher through the loss
+                Hessian's square root), ``"mc"`` (``mc_samples`` targets drawn from the model
+                per example, with ``generator``) or ``"empirical"`` (the data labels ``y``).
+            damping_mode: how :meth:`solve` damps, ``"exact"`` or factored ``"pi"``.
+
+        Raises:
+            ValueError: for unsupported layers, losses or ``kind``, missing labels, or NaN/Inf.
+        """
+        check_choice("Fisher kind", kind, FisherKind)
+        lik = likelihood(loss_fn)
+        layout = ParamLayout.of(model, linear_only=True)
+        recorder = Recorder(layout.blocks)  # type: ignore[arg-type]
+        try:
+            with torch.enable_grad():
+                recorder.start()
+                raw = model(X)
+                recorder.stop()
+                cotangents = fisher_cotangents(lik, raw, kind, y, mc_samples, generator)
+                G = recorder.gradient_factors(raw, cotangents)
+                A = recorder.input_factors()
+        finally:
+            recorder.remove()
+        factors = {layer.name: (A[layer.name], G[layer.name]) for layer in layout.blocks}
+        return cls(layout, factors, X.shape[0], cotangents.shape[0], kind, damping_mode)
+
+    @classmethod
+    def watch(
+        cls,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        *,
+        kind: FisherKind = "exact",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        damping_mode: DampingMode = "pi",
+    ) -> KFACWatcher:
+        """A :class:`KFACWatcher` on ``model``."""
+        return KFACWatcher(model, loss_fn, kind, mc_samples, generator, damping_mode)
+
+    # ------------------------------------------------------------------ the matrix
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """:math:`(A \\otimes G) v` layer by layer: :math:`V \\mapsto G V A`."""
+        self.layout.check_vector(v)
+        parts = []
+        for layer in self.layers:
+            A, G = self.factors[layer.name]
+            parts.append(layer.flat(G @ layer.matrix(v) @ A))
+        return torch.cat(parts)
 
     def to_dense(self) -> Tensor:
         """The block-diagonal ``(P, P)`` matrix in ``parameters_to_vector`` order."""
@@ -311,82 +184,209 @@ class KFACApproximation:
             blocks.append(torch.kron(G, A)[order][:, order])
         return torch.block_diag(*blocks)
 
-    def solve(
-        self, v: Tensor | Sequence[Tensor], damping: float, mode: DampingMode = "exact"
-    ) -> Tensor | list[Tensor]:
-        r""":math:`(K + \lambda I)^{-1} v` layer by layer (see :class:`DampedInverse`).
+    def solve(self, v: Tensor, damping: float) -> Tensor:
+        r"""The damped inverse of the last :meth:`refresh` applied to a flat ``v``; refreshes
+        first when there is none or ``damping`` differs from its damping."""
+        self.layout.check_vector(v)
+        self._ensure_inverse(damping)
+        return torch.cat(
+            [layer.flat(self.apply_inverse(layer, layer.matrix(v))) for layer in self.layers]
+        )
 
-        Args:
-            v: a flat vector in parameter order, or a list of per-parameter tensors.
-            damping: :math:`\lambda > 0`.
-            mode: ``"exact"`` damping or the factored ``"pi"`` damping.
+    def apply_inverse(self, layer: LinearLayer, V: Tensor) -> Tensor:
+        """The cached damped inverse of ``layer``'s block applied to ``V = [dW | db]``."""
+        return self._inverse[layer.name].apply(V)
 
-        Returns:
-            The result in the form of ``v``.
-        """
-        flat = isinstance(v, Tensor)
-        parts = self._parameter_tensors(v) if flat else list(v)
-        out, i = [], 0
+    def _ensure_inverse(self, damping: float) -> None:
+        check_positive("damping", damping)
+        if not self._inverse or self._damping != damping:
+            self.refresh(damping)
+
+    # ------------------------------------------------------------------ running estimate
+
+    def update(self, batch: RunningCurvature, decay: float) -> None:
+        r""":math:`A \leftarrow \varepsilon A + (1-\varepsilon) A_\text{batch}`, likewise
+        :math:`G`; the cached inverse stays until the next :meth:`refresh`."""
+        if not isinstance(batch, KFACApproximation) or batch.settings() != self.settings():
+            raise ValueError("update needs a K-FAC estimate of the same model and settings.")
+        check_unit_interval("ema_decay", decay)
+        for name, (A, G) in self.factors.items():
+            A_new, G_new = batch.factors[name]
+            if decay:
+                A.mul_(decay).add_(A_new, alpha=1.0 - decay)
+                G.mul_(decay).add_(G_new, alpha=1.0 - decay)
+            else:
+                self.factors[name] = (A_new, G_new)
+            check_finite(self.factors[name][0], f"the running factor A of layer {name!r}")
+            check_finite(self.factors[name][1], f"the running factor G of layer {name!r}")
+        self.batch_size, self.num_cotangents = batch.batch_size, batch.num_cotangents
+
+    def refresh(self, damping: float) -> None:
+        """Eigendecompose every factor (float32 retried in float64) and cache the damped
+        inverses for ``damping``."""
+        check_positive("damping", damping)
         for layer in self.layers:
-            inverse = DampedInverse.of(*self.eigen(layer.name), damping, mode)
-            bias = parts[i + 1] if layer.bias else None
-            out += layer.split(inverse.apply(layer.join(parts[i], bias)))
-            i += 1 + int(layer.bias)
-        return torch.cat([p.flatten() for p in out]) if flat else out
-
-    def eigen(self, name: str) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """The eigendecompositions of layer ``name``'s :math:`A` and :math:`G` (cached)."""
-        if name not in self._eigen:
-            A, G = self.factors[name]
-            self._eigen[name] = (
-                eigh(A, f"factor A of layer {name!r}"),
-                eigh(G, f"factor G of layer {name!r}"),
+            A, G = self.factors[layer.name]
+            eigen = (
+                eigh(A, f"factor A of layer {layer.name!r}"),
+                eigh(G, f"factor G of layer {layer.name!r}"),
             )
-        return self._eigen[name]
+            self.eigen[layer.name] = eigen
+            self._inverse[layer.name] = damped_inverse(*eigen, damping, self.damping_mode)
+        self._damping = damping
 
-    def _parameter_tensors(self, v: Tensor) -> list[Tensor]:
-        total = sum(layer.numel for layer in self.layers)
-        if v.shape != (total,):
-            raise ValueError(f"v must have shape ({total},), got {tuple(v.shape)}.")
-        sizes, shapes = [], []
-        for layer in self.layers:
-            sizes.append(layer.d_out * layer.d_in)
-            shapes.append((layer.d_out, layer.d_in))
-            if layer.bias:
-                sizes.append(layer.d_out)
-                shapes.append((layer.d_out,))
-        return [c.view(s) for c, s in zip(v.split(sizes), shapes)]
+    # ------------------------------------------------------------------ costs
 
-    def cost(self) -> KFACCost:
-        r"""Memory and flop counts: forming :math:`A` (:math:`2 N d_A^2`) and :math:`G`
-        (:math:`2 N K d_G^2`), decomposing both (:math:`9(d_A^3 + d_G^3)`), and one solve:
-        four products :math:`2 d_G d_A (d_G + d_A)` (``"exact"``) or two (``"pi"``)."""
-        n, k = self.batch_size, self.num_cotangents
-        numel = sum(layer.d_a**2 + layer.d_out**2 for layer in self.layers)
-        element = next(iter(self.factors.values()))[0].element_size()
-        products = sum(layer.numel * (layer.d_a + layer.d_out) for layer in self.layers)
-        return KFACCost(
-            factor_numel=numel,
-            factor_bytes=numel * element,
-            factor_flops=sum(2 * n * (layer.d_a**2 + k * layer.d_out**2) for layer in self.layers),
-            decomposition_flops=sum(
-                EIGH_FLOPS_PER_CUBE * (layer.d_a**3 + layer.d_out**3) for layer in self.layers
+    @property
+    def memory_bytes(self) -> int:
+        """Factors, plus cached inverses (the same sizes, and the ``(d_G, d_A)`` scale of
+        exact damping)."""
+        numel = sum(A.numel() + G.numel() for A, G in self.factors.values())
+        for inverse in self._inverse.values():
+            numel += sum(t.numel() for t in vars(inverse).values())
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def flops(self) -> Flops:
+        """From :mod:`natlib.costmodel`."""
+        n, k, mode = self.batch_size, self.num_cotangents, self.damping_mode
+        return Flops(
+            update=sum(
+                costmodel.kronecker_factor_flops(layer.d_a, layer.d_out, n, k)
+                for layer in self.layers
             ),
-            solve_flops={"exact": 4 * products, "pi": 2 * products},
+            refresh=sum(
+                costmodel.kronecker_refresh_flops(layer.d_a, layer.d_out, mode)
+                for layer in self.layers
+            ),
+            solve=sum(
+                costmodel.kronecker_solve_flops(layer.d_a, layer.d_out, mode)
+                for layer in self.layers
+            ),
         )
 
+    # ------------------------------------------------------------------ state
 
-def layer_blocks(matrix: Tensor, layers: Sequence[LinearLayer]) -> list[Tensor]:
-    """The diagonal blocks of a ``(P, P)`` matrix in parameter order, one per layer."""
-    blocks, start = [], 0
-    for layer in layers:
-        blocks.append(matrix[start : start + layer.numel, start : start + layer.numel])
-        start += layer.numel
-    if start != matrix.shape[0]:
-        raise ValueError(
-            f"the layers hold {start} parameters, the matrix is {matrix.shape[0]} wide."
+    def settings(self) -> dict[str, Any]:
+        return {
+            "curvature": type(self).__name__,
+            "kind": self.kind,
+            "damping_mode": self.damping_mode,
+            "layers": [(layer.name, layer.d_out, layer.d_a) for layer in self.layers],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings(),
+            "factors": {name: (A.clone(), G.clone()) for name, (A, G) in self.factors.items()},
+            "batch": (self.batch_size, self.num_cotangents),
+            "damping": self._damping,
+            "inverse": {name: dict(vars(inv)) for name, inv in self._inverse.items()},
+        }
+
+    @classmethod
+    def from_state_dict(
+        cls, model: nn.Module, loss_fn: nn.Module, state: dict[str, Any]
+    ) -> KFACApproximation:
+        settings = state["settings"]
+        layout = ParamLayout.of(model, linear_only=True)
+        factors = {name: (A.clone(), G.clone()) for name, (A, G) in state["factors"].items()}
+        if set(factors) != {layer.name for layer in layout.blocks}:
+            raise ValueError(
+                f"the saved K-FAC state covers layers {sorted(factors)}, the model has "
+                f"{[layer.name for layer in layout.blocks]}."
+            )
+        out = cls(layout, factors, *state["batch"], settings["kind"], settings["damping_mode"])
+        if out.settings() != settings:
+            raise ValueError(
+                f"the saved K-FAC state has settings {settings}, not {out.settings()}."
+            )
+        inverse = EigenInverse if out.damping_mode == "exact" else FactoredInverse
+        out._inverse = {name: inverse(**fields) for name, fields in state["inverse"].items()}
+        out._damping = state["damping"]
+        return out
+
+
+class KFACWatcher(Watcher):
+    """Records a training loop's forward pass for K-FAC.
+
+    ``kind="mc"``/``"exact"``: one extra backward pass of sampled or factored output cotangents
+    right after the forward pass; ``"empirical"``: the layers' output gradients of the loss's
+    own ``backward()``, divided by the reduction factor.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        kind: FisherKind,
+        mc_samples: int,
+        generator: torch.Generator | None,
+        damping_mode: DampingMode,
+    ) -> None:
+        check_choice("Fisher kind", kind, FisherKind)
+        check_choice("damping mode", damping_mode, DampingMode)
+        check_positive_int("mc_samples", mc_samples)
+        self.layout = ParamLayout.of(model, linear_only=True)
+        self.likelihood = likelihood(loss_fn)
+        self.kind, self.mc_samples, self.generator = kind, mc_samples, generator
+        self.damping_mode = damping_mode
+        self.recorder = Recorder(self.layout.blocks)  # type: ignore[arg-type]
+        self._pending: dict[str, Any] | None = None
+
+    def start(self, inputs: tuple) -> None:
+        self.recorder.start()
+
+    def finish(self, output: Tensor) -> None:
+        recorder = self.recorder
+        if not recorder.active:
+            return
+        recorder.stop()
+        f = self.likelihood.output_matrix(output.detach())
+        pending: dict[str, Any] = {"A": recorder.input_factors(), "G": {}, "N": f.shape[0]}
+        if self.kind == "empirical":
+            # G from the loss's own backward: its output gradient is r * grad l, so divide by r.
+            r = self.likelihood.scale(f)
+            for layer in self.recorder.layers:
+                recorder.outputs[layer.name].register_hook(_keep_gradient(layer, r, pending))
+            pending["K"] = 1
+        else:
+            cotangents = fisher_cotangents(
+                self.likelihood, output, self.kind, None, self.mc_samples, self.generator
+            )
+            pending["G"] = recorder.gradient_factors(output, cotangents, retain_graph=True)
+            pending["K"] = cotangents.shape[0]
+        recorder.outputs = {}
+        self._pending = pending
+
+    def estimate(self) -> KFACApproximation:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError(
+                "no forward pass was recorded for this factor update; run the model on the "
+                "batch with gradients enabled (and backward the loss) before step()."
+            )
+        factors = {}
+        for layer in self.layout.blocks:
+            if layer.name not in pending["G"]:
+                raise RuntimeError(
+                    f"layer {layer.name!r} got no output gradient; kind='empirical' needs "
+                    "loss.backward() on the recorded forward pass before step()."
+                )
+            factors[layer.name] = (pending["A"][layer.name], pending["G"][layer.name])
+        return KFACApproximation(
+            self.layout, factors, pending["N"], pending["K"], self.kind, self.damping_mode
         )
-    return blocks
+
+    def remove(self) -> None:
+        self.recorder.remove()
+
+
+def _keep_gradient(layer: LinearLayer, r: float, pending: dict[str, Any]):
+    def hook(grad: Tensor) -> None:
+        pending["G"][layer.name] = gradient_factor(grad.detach()).div_(r)
+
+    return hook
 
 
 def nearest_kronecker(block: Tensor, layer: LinearLayer) -> tuple[Tensor, Tensor]:
@@ -407,57 +407,3 @@ def nearest_kronecker(block: Tensor, layer: LinearLayer) -> tuple[Tensor, Tensor
     sign = 1.0 if Vh[0].view(d_a, d_a).trace() >= 0 else -1.0
     root = S[0].sqrt()
     return sign * root * Vh[0].view(d_a, d_a), sign * root * U[:, 0].view(d_g, d_g)
-
-
-@contextmanager
-def recording(layers: Sequence[LinearLayer]) -> Iterator[Recorder]:
-    """A :class:`Recorder` that is active inside the block and removed after it."""
-    recorder = Recorder(layers)
-    recorder.start()
-    try:
-        yield recorder
-    finally:
-        recorder.remove()
-
-
-def kfac(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    X: Tensor,
-    y: Tensor | None = None,
-    fisher: Fisher = "type-2",
-    mc_samples: int = 1,
-    generator: torch.Generator | None = None,
-) -> KFACApproximation:
-    r"""K-FAC factors of every ``nn.Linear`` layer on the batch ``X`` (Martens & Grosse, 2015).
-
-    Args:
-        fisher: ``"type-2"`` (exact output-space Fisher through the loss Hessian's square
-            root), ``"mc"`` (``mc_samples`` targets drawn from the model per example) or
-            ``"empirical"`` (the data labels ``y``).
-        generator: the random generator for ``"mc"``.
-
-    Raises:
-        ValueError: for unsupported layers, losses or ``fisher``, missing labels, or NaN/Inf.
-    """
-    if fisher not in FISHERS:
-        raise ValueError(f"fisher {fisher!r} is not supported; use one of {FISHERS}.")
-    lik = likelihood(loss_fn)
-    layers = linear_layers(model)
-    with torch.enable_grad(), recording(layers) as recorder:
-        raw = model(X)
-        recorder.stop()
-        output = lik.output_matrix(raw).detach()
-        check_finite(output, "the model output")
-        target = None if y is None else lik.target_matrix(raw, y)
-        b = lik.fisher_cotangents(output, LIKELIHOOD_KIND[fisher], target, mc_samples, generator)
-        cotangents = b.reshape(b.shape[0], *raw.shape)
-        G = recorder.gradient_factors(raw, cotangents)
-        A = recorder.input_factors()
-    factors = {}
-    for layer in layers:
-        name = layer.name
-        check_finite(A[name], f"factor A of layer {name!r}")
-        check_finite(G[name], f"factor G of layer {name!r}")
-        factors[name] = (A[name], G[name])
-    return KFACApproximation(layers, factors, X.shape[0], b.shape[0])

@@ -1,12 +1,18 @@
-r"""Natural-gradient optimisers as ``torch.optim.Optimizer`` classes, and a small training loop.
+r"""Natural-gradient optimisers: one preconditioned ``torch.optim.Optimizer`` and its
+configurations, and a small training loop.
 
-Both optimisers watch the model's forward pass through hooks, so they train with the usual
-loop; the last forward pass with gradients enabled before ``step()`` supplies the statistics::
+:class:`PreconditionedOptimizer` is parametrised by a curvature class of
+:mod:`natlib.interface`; it watches the model's forward pass through hooks, so it trains with
+the usual loop, and the last forward pass with gradients enabled before ``step()`` supplies the
+statistics::
 
     optimizer.zero_grad()
     loss = loss_fn(model(X), y)
     loss.backward()
     optimizer.step()
+
+:class:`KFAC` and :class:`NGD` are configurations of it; a new method is its curvature class
+plus a few lines here.
 """
 
 from __future__ import annotations
@@ -15,68 +21,245 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from natlib.curvature import fisher as dense_fisher
-from natlib.kfac import (
-    DAMPING_MODES,
-    FISHERS,
-    LIKELIHOOD_KIND,
-    DampedInverse,
-    DampingMode,
-    Fisher,
-    LinearLayer,
-    Recorder,
-    check_damping,
+from natlib import hooks
+from natlib.checks import (
+    check_choice,
     check_finite,
-    eigh,
-    gradient_factor,
-    linear_layers,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    check_unit_interval,
 )
-from natlib.losses import likelihood
+from natlib.exact import Fisher
+from natlib.interface import RunningCurvature
+from natlib.kfac import KFACApproximation
+from natlib.layout import ParamLayout
+from natlib.linalg import DampingMode
+from natlib.losses import FisherKind
 
 
-def _check_unit(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must lie in [0, 1), got {value!r}.")
+def _check_group(group: dict[str, Any]) -> None:
+    """The hyper-parameters a scheduler may change, checked at construction and every step."""
+    check_non_negative("lr", group["lr"])
+    check_positive("damping", group["damping"])
+    check_unit_interval("momentum", group["momentum"])
+    check_non_negative("weight_decay", group["weight_decay"])
 
 
-def _check_period(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+class PreconditionedOptimizer(torch.optim.Optimizer):
+    r"""Preconditioned gradient descent with a running curvature estimate :math:`C`.
 
+    Step :math:`k`, with gradient :math:`g` (flat, in parameter order):
 
-class KFAC(torch.optim.Optimizer):
-    r"""K-FAC (Martens & Grosse, 2015) for models whose parameters all sit in ``nn.Linear``.
-
-    Step :math:`k`, for every layer with gradient matrix :math:`V = [dW \mid db]`:
-
-    1. if :math:`k \bmod T_\text{cov} = 0`: :math:`A \leftarrow \varepsilon A + (1-\varepsilon)
-       A_\text{batch}`, likewise :math:`G` (the first update copies), from the recorded
-       forward pass (``fisher="mc"``/``"type-2"``: one extra backward pass of sampled or
-       factored output cotangents at forward time; ``"empirical"``: the loss's own backward);
-    2. if :math:`k \bmod T_\text{inv} = 0`: eigendecompose :math:`A, G` (float32 retried in
-       float64) and form the damped inverse (:class:`natlib.kfac.DampedInverse`);
-    3. :math:`\Delta = (A \otimes G + \lambda I)^{-1}(V + \omega [W \mid b])` (weight decay
-       :math:`\omega`);
-    4. KL clipping (Ba, Grosse & Martens, 2017): :math:`\nu = \min(1, \sqrt{\kappa / (\eta^2
-       \sum_l \langle \Delta_l, V_l \rangle)})`;
-    5. :math:`m \leftarrow \mu m + \nu \Delta`, :math:`[W \mid b] \leftarrow [W \mid b] - \eta m`.
+    1. if :math:`k \bmod T_\text{cov} = 0`: :math:`C \leftarrow \varepsilon C + (1 -
+       \varepsilon) C_\text{batch}` (``update``; the first one copies), from the recorded
+       forward (and backward) pass;
+    2. if :math:`k \bmod T_\text{inv} = 0`: ``refresh`` the inverse for the current damping;
+    3. :math:`\Delta = (C + \lambda I)^{-1}(g + \omega\theta)` with the last refreshed inverse
+       (weight decay :math:`\omega`);
+    4. KL clipping (Ba, Grosse & Martens, 2017): :math:`\nu = \min(1, \sqrt{\kappa /
+       (\eta^2 \langle \Delta, g + \omega\theta \rangle)})`;
+    5. :math:`m \leftarrow \mu m + \nu \Delta`, :math:`\theta \leftarrow \theta - \eta m`.
 
     Args:
-        model: the network; its forward pass is hooked.
-        loss_fn: the loss the training loop uses (its likelihood drives ``"mc"`` sampling).
+        model: the network; its forward pass is hooked (hooks hold the optimiser weakly, so a
+            copied or pickled model is a plain model).
+        loss_fn: the loss the training loop uses (its likelihood drives the Fisher).
+        curvature: the :class:`natlib.interface.RunningCurvature` class to estimate.
         lr, damping, momentum, weight_decay: :math:`\eta`, :math:`\lambda`, :math:`\mu`,
             :math:`\omega` (kept in the parameter group, so schedulers can change them).
-        T_cov, T_inv: periods of the factor and inverse updates.
+        T_cov, T_inv: periods of the curvature update and of the refresh.
         ema_decay: :math:`\varepsilon`; 0 keeps only the latest batch.
         kl_clip: :math:`\kappa`, or ``None`` for no clipping.
-        fisher: ``"mc"``, ``"type-2"`` or ``"empirical"`` (see :func:`natlib.kfac.kfac`).
-        damping_mode: ``"pi"`` (factored, two products per layer and step) or ``"exact"``.
+        kind: the Fisher, ``"exact"``, ``"mc"`` or ``"empirical"``.
+        mc_samples: targets drawn per example for ``kind="mc"``.
         seed: seeds the generator for Monte-Carlo targets (saved in ``state_dict``).
+        options: passed to the curvature class (e.g. K-FAC's ``damping_mode``).
+
+    Raises:
+        ValueError: for a non-finite or out-of-range hyper-parameter (at construction and at
+            every step), a non-finite gradient (naming the parameter), an unsupported model
+            or loss, or a ``state_dict`` saved under other settings.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        curvature: type[RunningCurvature],
+        lr: float,
+        damping: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        T_cov: int = 1,
+        T_inv: int = 1,
+        ema_decay: float = 0.0,
+        kl_clip: float | None = None,
+        kind: FisherKind = "exact",
+        mc_samples: int = 1,
+        seed: int = 0,
+        **options: Any,
+    ) -> None:
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        _check_group(defaults)
+        check_positive_int("T_cov", T_cov)
+        check_positive_int("T_inv", T_inv)
+        check_unit_interval("ema_decay", ema_decay)
+        if kl_clip is not None:
+            check_positive("kl_clip", kl_clip)
+        check_choice("Fisher kind", kind, FisherKind)
+        check_positive_int("mc_samples", mc_samples)
+        self.layout = ParamLayout.of(model)
+        super().__init__(model.parameters(), defaults)
+        self.model, self.loss_fn, self.curvature_class = model, loss_fn, curvature
+        self.T_cov, self.T_inv, self.ema_decay, self.kl_clip = T_cov, T_inv, ema_decay, kl_clip
+        self.kind, self.mc_samples, self.options = kind, mc_samples, options
+        self.steps = 0
+        self.curvature: RunningCurvature | None = None
+        self._refreshed_damping: float | None = None
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.watcher = curvature.watch(
+            model, loss_fn, kind=kind, mc_samples=mc_samples, generator=self.generator, **options
+        )
+        self._handles = [
+            hooks.register(model, self, "_before_forward", pre=True),
+            hooks.register(model, self, "_after_forward"),
+        ]
+
+    def remove_hooks(self) -> None:
+        """Detach the optimiser from the model's forward pass."""
+        self.watcher.remove()
+        for handle in self._handles:
+            handle.remove()
+
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled() and self.steps % self.T_cov == 0:
+            self.watcher.start(args)
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.watcher.finish(output)
+
+    def settings(self) -> dict[str, Any]:
+        """What the saved state depends on: curvature, kind, its options, parameter shapes."""
+        return {
+            "curvature": self.curvature_class.__name__,
+            "kind": self.kind,
+            "mc_samples": self.mc_samples,
+            "options": dict(self.options),
+            "parameters": [(n, tuple(s)) for n, s in zip(self.layout.names, self.layout.shapes)],
+        }
+
+    def _gradient(self, group: dict[str, Any]) -> Tensor:
+        """:math:`g + \\omega\theta`, flat; names the parameter whose gradient is missing or
+        not finite."""
+        parts = []
+        for name, p in zip(self.layout.names, group["params"]):
+            if p.grad is None:
+                raise RuntimeError(
+                    f"parameter {name!r} has no gradient; call loss.backward() before step()."
+                )
+            check_finite(p.grad, f"the gradient of parameter {name!r}")
+            parts.append(p.grad.reshape(-1))
+        g = torch.cat(parts)
+        if group["weight_decay"]:
+            g = g.add(
+                torch.cat([p.reshape(-1) for p in group["params"]]), alpha=group["weight_decay"]
+            )
+        return g
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One preconditioned step; ``closure`` (optional) re-evaluates the model and returns
+        the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        _check_group(group)
+        g = self._gradient(group)
+        if self.steps % self.T_cov == 0:
+            batch = self.watcher.estimate()
+            if self.curvature is None:
+                self.curvature = batch
+            else:
+                self.curvature.update(batch, self.ema_decay)
+        if self.steps % self.T_inv == 0:
+            self.curvature.refresh(group["damping"])
+            self._refreshed_damping = group["damping"]
+        delta = self.curvature.solve(g, self._refreshed_damping)
+        lr, mu = group["lr"], group["momentum"]
+        nu = 1.0
+        if self.kl_clip is not None:
+            nu = (self.kl_clip / (lr**2 * (delta @ g))).sqrt().clamp(max=1.0)
+        for p, d in zip(group["params"], self.layout.split(delta)):
+            if self.kl_clip is not None or mu:
+                d = d.mul(nu)
+            if mu:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.clone()
+                else:
+                    state["momentum_buffer"].mul_(mu).add_(d)
+                d = state["momentum_buffer"]
+            p.add_(d, alpha=-lr)
+        self.steps += 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimiser state plus the step counter, the sampling generator's state, the
+        settings and the running curvature."""
+        state = super().state_dict()
+        state["natlib"] = {
+            "settings": self.settings(),
+            "steps": self.steps,
+            "generator": self.generator.get_state(),
+            "damping": self._refreshed_damping,
+            "curvature": None if self.curvature is None else self.curvature.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`, after checking it was saved under the same settings.
+
+        Raises:
+            ValueError: if the state lacks natlib's part or its settings differ (curvature,
+                kind, damping mode, parameter shapes); nothing is changed then.
+        """
+        if "natlib" not in state_dict:
+            raise ValueError("this state_dict was not saved by a natlib optimiser.")
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("natlib")
+        if extra["settings"] != self.settings():
+            raise ValueError(
+                f"the state_dict was saved with settings {extra['settings']}, this optimiser "
+                f"has {self.settings()}."
+            )
+        curvature = None
+        if extra["curvature"] is not None:
+            curvature = self.curvature_class.from_state_dict(
+                self.model, self.loss_fn, extra["curvature"]
+            )
+        super().load_state_dict(state_dict)
+        self.steps = extra["steps"]
+        self.generator.set_state(extra["generator"].clone())
+        self._refreshed_damping = extra["damping"]
+        self.curvature = curvature
+
+
+class KFAC(PreconditionedOptimizer):
+    r"""K-FAC (Martens & Grosse, 2015) for models whose parameters all sit in ``nn.Linear``:
+    :class:`PreconditionedOptimizer` with :class:`natlib.kfac.KFACApproximation`.
+
+    Args:
+        damping_mode: ``"exact"`` or factored ``"pi"`` (two products per layer and step).
+        Others as :class:`PreconditionedOptimizer`.
     """
 
     def __init__(
@@ -91,189 +274,35 @@ class KFAC(torch.optim.Optimizer):
         T_inv: int = 10,
         ema_decay: float = 0.95,
         kl_clip: float | None = None,
-        fisher: Fisher = "mc",
+        kind: FisherKind = "exact",
         mc_samples: int = 1,
         damping_mode: DampingMode = "pi",
         seed: int = 0,
     ) -> None:
-        if not lr >= 0:
-            raise ValueError(f"lr must be non-negative, got {lr!r}.")
-        check_damping(damping)
-        _check_unit("momentum", momentum)
-        _check_unit("ema_decay", ema_decay)
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay!r}.")
-        _check_period("T_cov", T_cov)
-        _check_period("T_inv", T_inv)
-        _check_period("mc_samples", mc_samples)
-        if kl_clip is not None and not kl_clip > 0:
-            raise ValueError(f"kl_clip must be positive or None, got {kl_clip!r}.")
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher {fisher!r} is not supported; use one of {FISHERS}.")
-        if damping_mode not in DAMPING_MODES:
-            raise ValueError(
-                f"damping mode {damping_mode!r} is not supported; use one of {DAMPING_MODES}."
-            )
-        self.layers = linear_layers(model)
-        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        super().__init__(model.parameters(), defaults)
-        self.likelihood = likelihood(loss_fn)
-        self.T_cov, self.T_inv, self.ema_decay, self.kl_clip = T_cov, T_inv, ema_decay, kl_clip
-        self.fisher, self.mc_samples, self.damping_mode = fisher, mc_samples, damping_mode
-        self.steps = 0
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self._recorder = Recorder(self.layers)
-        self._pending: dict[str, Any] | None = None
-        self._handles = [
-            model.register_forward_pre_hook(self._before_forward),
-            model.register_forward_hook(self._after_forward),
-        ]
-
-    def remove_hooks(self) -> None:
-        """Detach the optimiser from the model's forward pass."""
-        self._recorder.remove()
-        for handle in self._handles:
-            handle.remove()
-
-    def _before_forward(self, module: nn.Module, args: tuple) -> None:
-        if torch.is_grad_enabled() and self.steps % self.T_cov == 0:
-            self._recorder.start()
-
-    def _after_forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        recorder = self._recorder
-        if not recorder.active:
-            return
-        recorder.stop()
-        f = self.likelihood.output_matrix(output.detach())
-        pending: dict[str, Any] = {"A": recorder.input_factors(), "G": {}}
-        if self.fisher == "empirical":
-            # G from the loss's own backward: its output gradient is r * grad l, so divide by r.
-            r = self.likelihood.scale(f)
-            for layer in self.layers:
-                recorder.outputs[layer.name].register_hook(self._keep_gradient(layer, r, pending))
-        else:
-            b = self.likelihood.fisher_cotangents(
-                f, LIKELIHOOD_KIND[self.fisher], None, self.mc_samples, self.generator
-            )
-            cotangents = b.reshape(b.shape[0], *output.shape)
-            pending["G"] = recorder.gradient_factors(output, cotangents, retain_graph=True)
-        recorder.outputs = {}
-        self._pending = pending
-
-    @staticmethod
-    def _keep_gradient(
-        layer: LinearLayer, r: float, pending: dict[str, Any]
-    ) -> Callable[[Tensor], None]:
-        def hook(grad: Tensor) -> None:
-            pending["G"][layer.name] = gradient_factor(grad.detach()).div_(r)
-
-        return hook
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One K-FAC step; ``closure`` (optional) re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        group = self.param_groups[0]
-        if self.steps % self.T_cov == 0:
-            self._update_factors()
-        if self.steps % self.T_inv == 0:
-            self._update_inverses(group["damping"])
-        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        directions, inner = [], 0.0
-        for layer in self.layers:
-            weight, bias = layer.module.weight, layer.module.bias
-            if weight.grad is None or (bias is not None and bias.grad is None):
-                raise RuntimeError(
-                    f"layer {layer.name!r} has no gradient; call loss.backward() before step()."
-                )
-            V = layer.join(weight.grad, None if bias is None else bias.grad)
-            if wd:
-                V = V.add(layer.join(weight, bias), alpha=wd)
-            state = self.state[weight]
-            delta = DampedInverse(state["inv_left"], state["inv_right"], state.get("inv_scale"))
-            directions.append(delta.apply(V))
-            if self.kl_clip is not None:
-                inner = inner + (directions[-1] * V).sum()
-        nu = 1.0
-        if self.kl_clip is not None:
-            nu = (self.kl_clip / (lr**2 * inner)).sqrt().clamp(max=1.0)
-        for layer, delta in zip(self.layers, directions):
-            state = self.state[layer.module.weight]
-            if mu:
-                buffer = state.get("momentum_buffer")
-                if buffer is None:
-                    state["momentum_buffer"] = buffer = delta.mul_(nu)
-                else:
-                    buffer.mul_(mu).add_(delta.mul_(nu))
-                delta = buffer
-            elif self.kl_clip is not None:
-                delta = delta.mul_(nu)
-            for p, d in zip(layer.module.parameters(), layer.split(delta)):
-                p.add_(d, alpha=-lr)
-        self.steps += 1
-        return loss
-
-    def _update_factors(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            raise RuntimeError(
-                "no forward pass was recorded for this factor update; run the model on the "
-                "batch with gradients enabled (and backward the loss) before step()."
-            )
-        eps = self.ema_decay
-        for layer in self.layers:
-            name = layer.name
-            if name not in pending["G"]:
-                raise RuntimeError(
-                    f"layer {name!r} got no output gradient; fisher='empirical' needs "
-                    "loss.backward() on the recorded forward pass before step()."
-                )
-            state = self.state[layer.module.weight]
-            for key, new in (("A", pending["A"][name]), ("G", pending["G"][name])):
-                check_finite(new, f"factor {key} of layer {name!r}")
-                if key in state and eps:
-                    state[key].mul_(eps).add_(new, alpha=1.0 - eps)
-                else:
-                    state[key] = new
-
-    def _update_inverses(self, damping: float) -> None:
-        check_damping(damping)
-        for layer in self.layers:
-            state = self.state[layer.module.weight]
-            eigen_a = eigh(state["A"], f"factor A of layer {layer.name!r}")
-            eigen_g = eigh(state["G"], f"factor G of layer {layer.name!r}")
-            inverse = DampedInverse.of(eigen_a, eigen_g, damping, self.damping_mode)
-            state["inv_left"], state["inv_right"] = inverse.left, inverse.right
-            if inverse.scale is not None:
-                state["inv_scale"] = inverse.scale
-
-    def state_dict(self) -> dict[str, Any]:
-        """The optimiser state plus the step counter and the sampling generator's state."""
-        state = super().state_dict()
-        state["kfac"] = {"steps": self.steps, "generator": self.generator.get_state()}
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("kfac")
-        super().load_state_dict(state_dict)
-        self.steps = extra["steps"]
-        self.generator.set_state(extra["generator"].clone())
+        super().__init__(
+            model,
+            loss_fn,
+            KFACApproximation,
+            lr,
+            damping,
+            momentum,
+            weight_decay,
+            T_cov,
+            T_inv,
+            ema_decay,
+            kl_clip,
+            kind,
+            mc_samples,
+            seed,
+            damping_mode=damping_mode,
+        )
 
 
-class NGD(torch.optim.Optimizer):
-    r"""Damped natural gradient descent with the dense Fisher of the recorded batch:
-    :math:`\theta \leftarrow \theta - \eta\,(F + \lambda I)^{-1} \nabla_\theta L` (Amari, 1998),
-    :math:`F` from :func:`natlib.curvature.fisher`. Cubic in the parameter count: for small
-    models only.
-
-    Args:
-        kind: ``"exact"`` or ``"mc"`` (one sampled target per example).
-    """
+class NGD(PreconditionedOptimizer):
+    r"""Damped natural gradient descent with the dense Fisher of each batch:
+    :math:`\theta \leftarrow \theta - \eta\,(F + \lambda I)^{-1} \nabla_\theta L` (Amari,
+    1998), :math:`F` from :class:`natlib.exact.Fisher`, refreshed every step and solved by
+    Cholesky. Cubic in the parameter count: for small models only."""
 
     def __init__(
         self,
@@ -281,43 +310,13 @@ class NGD(torch.optim.Optimizer):
         loss_fn: nn.Module,
         lr: float = 1.0,
         damping: float = 1e-3,
-        kind: Literal["exact", "mc"] = "exact",
+        kind: FisherKind = "exact",
+        mc_samples: int = 1,
         seed: int = 0,
     ) -> None:
-        check_damping(damping)
-        if kind not in ("exact", "mc"):
-            raise ValueError(f"kind {kind!r} is not supported; use 'exact' or 'mc'.")
-        super().__init__(model.parameters(), dict(lr=lr, damping=damping))
-        self.model, self.loss_fn, self.kind = model, loss_fn, kind
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self._inputs: Tensor | None = None
-        self._handle = model.register_forward_pre_hook(self._keep_inputs)
-
-    def _keep_inputs(self, module: nn.Module, args: tuple) -> None:
-        if torch.is_grad_enabled():
-            self._inputs = args[0].detach()
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self._inputs is None:
-            raise RuntimeError("no forward pass was recorded; run the model before step().")
-        group = self.param_groups[0]
-        params = group["params"]
-        with torch.enable_grad():
-            F = dense_fisher(
-                self.model, self.loss_fn, self._inputs, kind=self.kind, generator=self.generator
-            )
-        g = torch.cat([p.grad.flatten() for p in params])
-        F.diagonal().add_(group["damping"])
-        step = torch.cholesky_solve(g.unsqueeze(1), torch.linalg.cholesky(F)).squeeze(1)
-        for p, d in zip(params, step.split([p.numel() for p in params])):
-            p.add_(d.view_as(p), alpha=-group["lr"])
-        return loss
+        super().__init__(
+            model, loss_fn, Fisher, lr, damping, kind=kind, mc_samples=mc_samples, seed=seed
+        )
 
 
 @dataclass(frozen=True)

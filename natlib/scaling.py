@@ -1,58 +1,42 @@
-r"""How K-FAC's cost grows: a FLOP model of one step, timing sweeps, slope fits and records.
+r"""How K-FAC's cost grows: timing sweeps against width, batch and depth, slope fits, and the
+recorded runs in ``book/data/scaling-<device>.json``.
 
-For an MLP of :math:`L` square layers of width :math:`d` trained with batches of :math:`B`
-examples, one K-FAC step (Martens & Grosse, 2015, §8) costs, in multiply-add pairs counted as
-two floating-point operations (FLOPs):
-
-=====================  =========================================  ==========================
-part                   FLOPs                                      runs
-=====================  =========================================  ==========================
-forward + backward     :math:`6BLd^2`                             every step (SGD's cost)
-factors :math:`A, G`   :math:`4BLd^2` (:math:`2Bd^2` each)        every :math:`T_\text{cov}`
-sampled backward       :math:`2BLd^2` (Monte-Carlo Fisher)        every :math:`T_\text{cov}`
-preconditioning        :math:`4Ld^3` (:math:`G^{-1} V A^{-1}`)    every step
-refresh                :math:`2(c + 2)Ld^3`                       every :math:`T_\text{inv}`
-=====================  =========================================  ==========================
-
-where :math:`c\,d^3` is the cost of one symmetric eigendecomposition measured in the same
-units (about 9 by Golub & Van Loan's count; measured on each machine by
-:meth:`LayerSweep.eigh_constant`) and :math:`2d^3` forms a damped inverse from it. The overhead
-over SGD is therefore
-
-.. math:: \frac{\text{K-FAC}}{\text{SGD}} = 1 + \frac{1}{T_\text{cov}} + \frac{2d}{3B}
-          + \frac{(c + 2)\,d}{3B\,T_\text{inv}} .
-
-Timings use :func:`natlib.bench.median_seconds` (``torch.utils.benchmark``, one CPU thread).
+The FLOP model the sweeps are compared with is :mod:`natlib.costmodel`; the clocks, the
+problem and the split of a step into its parts are :mod:`natlib.timing`'s. For the chapter,
+``step_cost``, ``layer_memory``, ``factor_cost``, ``PARTS``, ``GROUPS`` (and their classes)
+of the cost model and ``ONCE`` of the timing harness are re-exported here. Timings run on
+``TIMING_THREADS`` thread(s) and, on the CPU, count CPU seconds
+(:func:`natlib.timing.cpu_clock`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
-from typing import Literal
 
 import numpy as np
 import torch
 from scipy import stats
-from torch import Tensor, nn
-from tqdm import tqdm
+from torch import Tensor
 
-from natlib import bench, problems, runtime
-from natlib.kfac import (
-    EIGH_FLOPS_PER_CUBE,
-    DampedInverse,
-    eigh,
-    gradient_factor,
-    input_factor,
-    kfac,
-)
+from natlib import costmodel, timing
+from natlib.costmodel import GROUPS as GROUPS
+from natlib.costmodel import PARTS as PARTS
+from natlib.costmodel import FactorCost as FactorCost
+from natlib.costmodel import LayerMemory as LayerMemory
+from natlib.costmodel import StepCost as StepCost
+from natlib.costmodel import dominant as dominant
+from natlib.costmodel import factor_cost as factor_cost
+from natlib.costmodel import layer_memory as layer_memory
+from natlib.costmodel import step_cost as step_cost
+from natlib.factors import gradient_factor, input_factor
+from natlib.linalg import FactoredInverse, eigh
 from natlib.optim import KFAC
+from natlib.timing import ONCE as ONCE
 
 SCHEMA = "natlib.scaling/1"
 PIECES = ("factors", "eigh", "cholesky", "precondition")
@@ -62,18 +46,12 @@ PIECE_LABELS = {
     "cholesky": "Cholesky + inverse (one factor)",
     "precondition": r"preconditioning $G^{-1} V A^{-1}$",
 }
-INVERSE_FLOPS_PER_CUBE = 2  # (Q / lambda) Q^T after the eigendecomposition
-ONCE = 2**31 - 1  # an update period that no benchmark reaches: the update runs at step 0 only
 DAMPING = 1e-3
 LEARNING_RATE = 1e-6  # timing runs must stay finite, not make progress
 TIMING_THREADS = 1  # torch.utils.benchmark.Timer's default
-PARTS = ("forward_backward", "factors", "precondition", "refresh")
-GROUPS = {
-    "per-example work": ("forward_backward", "factors"),
-    "preconditioning": ("precondition",),
-    "refresh": ("refresh",),
-}
-FactorForm = Literal["full", "blocks", "diagonal", "identity"]
+# The optimiser every sweep times: Monte-Carlo Fisher, factored damping, no momentum.
+KFAC_OPTIONS = {"lr": LEARNING_RATE, "damping": DAMPING, "kind": "mc", "damping_mode": "pi"}
+SGD_OPTIONS = {"lr": LEARNING_RATE}
 
 
 def geometric_widths(low: int, high: int, per_octave: int = 2) -> list[int]:
@@ -87,138 +65,9 @@ def geometric_widths(low: int, high: int, per_octave: int = 2) -> list[int]:
     return [round(low * 2 ** (k / per_octave)) for k in range(count + 1)]
 
 
-# --------------------------------------------------------------------------- the cost model
-
-
-@dataclass(frozen=True)
-class StepCost:
-    """FLOPs of one K-FAC step by part, amortised over the update periods (see the module)."""
-
-    forward_backward: float
-    factors: float
-    sampled_backward: float
-    precondition: float
-    refresh: float
-
-    @property
-    def total(self) -> float:
-        return sum(asdict(self).values())
-
-    @property
-    def overhead(self) -> float:
-        """K-FAC step over SGD step (forward and backward only)."""
-        return self.total / self.forward_backward
-
-    def parts(self) -> dict[str, float]:
-        """FLOPs by :data:`PARTS` (the sampled backward counts with the factors, as measured)."""
-        return {
-            "forward_backward": self.forward_backward,
-            "factors": self.factors + self.sampled_backward,
-            "precondition": self.precondition,
-            "refresh": self.refresh,
-        }
-
-    def dominant(self) -> str:
-        """The most expensive of :data:`GROUPS`."""
-        return dominant(self.parts())
-
-
-def dominant(parts: dict[str, float]) -> str:
-    r"""The group of :data:`GROUPS` whose parts cost most: the work that grows with the batch
-    (:math:`\propto Bd^2`; forward-backward and factors tie at :math:`T_\text{cov} = 1`), the
-    preconditioning, or the refresh."""
-    return max(GROUPS, key=lambda group: sum(parts[part] for part in GROUPS[group]))
-
-
-def step_cost(
-    width: float,
-    batch: float,
-    depth: int = 1,
-    T_cov: int = 1,
-    T_inv: int = 1,
-    eigh_constant: float = EIGH_FLOPS_PER_CUBE,
-    fisher: Literal["mc", "empirical"] = "mc",
-) -> StepCost:
-    r"""The FLOP model of one K-FAC step with factored (``"pi"``) damping.
-
-    :math:`6BLd^2` forward and backward, :math:`(4 + 2[\text{mc}])BLd^2 / T_\text{cov}` for the
-    factors and the sampled backward, :math:`4Ld^3` preconditioning, and :math:`2(c + 2)Ld^3 /
-    T_\text{inv}` for the eigendecompositions and damped inverses (Martens & Grosse, 2015, §8).
-    """
-    if fisher not in ("mc", "empirical"):
-        raise ValueError(f"fisher {fisher!r} is not supported; use 'mc' or 'empirical'.")
-    if min(width, batch, depth, T_cov, T_inv) <= 0:
-        raise ValueError("width, batch, depth, T_cov and T_inv must be positive.")
-    square, cube = depth * width**2, depth * width**3
-    return StepCost(
-        forward_backward=6 * batch * square,
-        factors=4 * batch * square / T_cov,
-        sampled_backward=(2 * batch * square / T_cov) if fisher == "mc" else 0.0,
-        precondition=4 * cube,
-        refresh=2 * (eigh_constant + INVERSE_FLOPS_PER_CUBE) * cube / T_inv,
-    )
-
-
-@dataclass(frozen=True)
-class LayerMemory:
-    """Bytes of one ``nn.Linear`` layer's weights, its factors :math:`A, G`, and their damped
-    inverses."""
-
-    weights: int
-    factors: int
-    inverses: int
-
-
-def layer_memory(d_in: int, d_out: int, element_size: int = 4, bias: bool = True) -> LayerMemory:
-    r"""Weights :math:`d_\text{out}(d_\text{in} + [b])` against factors and inverses
-    :math:`(d_\text{in} + [b])^2 + d_\text{out}^2` each, times ``element_size`` bytes."""
-    d_a = d_in + int(bias)
-    factors = (d_a**2 + d_out**2) * element_size
-    return LayerMemory(d_out * d_a * element_size, factors, factors)
-
-
-@dataclass(frozen=True)
-class FactorCost:
-    """Storage and FLOPs of one side's factor in a chosen form."""
-
-    form: FactorForm
-    bytes: int
-    refresh_flops: float  # per refresh
-    apply_flops: float  # per step, on a (d, other) gradient matrix
-
-
-def factor_cost(
-    d: int,
-    other: int,
-    form: FactorForm,
-    block: int = 1024,
-    element_size: int = 4,
-    eigh_constant: float = EIGH_FLOPS_PER_CUBE,
-) -> FactorCost:
-    r"""What a :math:`d \times d` factor costs when kept ``"full"``, as diagonal ``"blocks"`` of
-    size ``block``, as its ``"diagonal"``, or dropped (``"identity"``).
-
-    Full: :math:`d^2` entries, :math:`(c + 2)d^3` to refresh, :math:`2d^2 m` to apply to a
-    :math:`d \times m` gradient; blocks of size :math:`b`: :math:`db`, :math:`(c + 2)db^2`,
-    :math:`2dbm`; diagonal: :math:`d`, :math:`d`, :math:`dm` (the block-wise and diagonal forms
-    of large layers in distributed Shampoo, Anil et al., 2020).
-    """
-    per_cube = eigh_constant + INVERSE_FLOPS_PER_CUBE
-    if form == "full":
-        return FactorCost(form, d * d * element_size, per_cube * d**3, 2 * d * d * other)
-    if form == "blocks":
-        sizes = [block] * (d // block) + ([d % block] if d % block else [])
-        return FactorCost(
-            form,
-            sum(s * s for s in sizes) * element_size,
-            per_cube * sum(s**3 for s in sizes),
-            2 * sum(s * s for s in sizes) * other,
-        )
-    if form == "diagonal":
-        return FactorCost(form, d * element_size, d, d * other)
-    if form == "identity":
-        return FactorCost(form, 0, 0, 0)
-    raise ValueError(f"form {form!r} is not supported; use full, blocks, diagonal or identity.")
+def _seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
+    """:func:`natlib.timing.median_seconds` on :func:`natlib.timing.cpu_clock`."""
+    return timing.median_seconds(fn, min_run_time, timing.cpu_clock(device))
 
 
 # --------------------------------------------------------------------------- the slope fit
@@ -273,21 +122,16 @@ def fit_slope(
 # --------------------------------------------------------------------------- per-layer sweep
 
 
-def _seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
-    """:func:`natlib.bench.median_seconds`; on the CPU in CPU seconds (``time.process_time``)."""
-    clock = time.process_time if device.type == "cpu" else None
-    return bench.median_seconds(fn, min_run_time, clock)
-
-
 def layer_pieces(
     width: int, batch: int, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> dict[str, Callable[[], object]]:
     """The pieces of one square layer's K-FAC work, on random inputs of the given width.
 
-    ``factors``: :func:`natlib.kfac.input_factor` and :func:`natlib.kfac.gradient_factor` of a
-    batch; ``eigh``: :func:`natlib.kfac.eigh` of one factor; ``cholesky``: one damped inverse by
-    Cholesky; ``precondition``: :meth:`natlib.kfac.DampedInverse.apply`. A square layer's
-    :math:`A` and :math:`G` have the same size, so it pays ``eigh`` or ``cholesky`` twice.
+    ``factors``: :func:`natlib.factors.input_factor` and :func:`natlib.factors.gradient_factor`
+    of a batch; ``eigh``: :func:`natlib.linalg.eigh` of one factor; ``cholesky``: one damped
+    inverse by Cholesky; ``precondition``: :meth:`natlib.linalg.FactoredInverse.apply`. A
+    square layer's :math:`A` and :math:`G` have the same size, so it pays ``eigh`` or
+    ``cholesky`` twice.
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -304,7 +148,7 @@ def layer_pieces(
         return torch.cholesky_inverse(torch.linalg.cholesky(M))
 
     a, g, V, A, G = draw(batch, width), draw(batch, width), draw(width, width), factor(), factor()
-    inverse = DampedInverse(cholesky_inverse(G), cholesky_inverse(A))
+    inverse = FactoredInverse(cholesky_inverse(G), cholesky_inverse(A))
     return {
         "factors": lambda: (input_factor(a, bias=False), gradient_factor(g)),
         "eigh": lambda: eigh(A, "A"),
@@ -334,9 +178,13 @@ class LayerSweep:
         ]
 
     def flop_rate(self) -> float:
-        """Matrix-product FLOP/s: the median of :math:`4d^3 / t_\\text{precondition}` over the
-        top two octaves of widths."""
-        return median(4 * d**3 / t["precondition"] for d, t in self._upper())
+        """Matrix-product FLOP/s: the median of
+        :func:`natlib.costmodel.kronecker_solve_flops` (:math:`4d^3`) over
+        :math:`t_\\text{precondition}`, over the top two octaves of widths."""
+        return median(
+            costmodel.kronecker_solve_flops(d, d, "pi") / t["precondition"]
+            for d, t in self._upper()
+        )
 
     def eigh_constant(self) -> float:
         r""":math:`c` such that one eigendecomposition costs as long as :math:`c\,d^3` FLOPs of
@@ -357,14 +205,16 @@ def layer_sweep(
 ) -> LayerSweep:
     """Time every piece at every width, ``rounds`` times in interleaved order (so that a burst
     of load on a shared machine hits every width alike), and keep the median per width."""
-    pieces = [layer_pieces(width, batch, device, dtype) for width in widths]
-    times: dict[str, list[list[float]]] = {piece: [[] for _ in widths] for piece in PIECES}
-    for _ in tqdm(range(rounds), desc="per-layer sweep", disable=not progress):
-        for i, fns in enumerate(pieces):
-            for piece, fn in fns.items():
-                times[piece][i].append(_seconds(fn, device, min_run_time))
+    timers = {
+        (piece, i): (lambda fn=fn: _seconds(fn, device, min_run_time))
+        for i, width in enumerate(widths)
+        for piece, fn in layer_pieces(width, batch, device, dtype).items()
+    }
+    seconds = timing.interleaved_medians(timers, rounds, "per-layer sweep" if progress else None)
     return LayerSweep(
-        list(widths), batch, {piece: [median(t) for t in times[piece]] for piece in PIECES}
+        list(widths),
+        batch,
+        {piece: [seconds[piece, i] for i in range(len(widths))] for piece in PIECES},
     )
 
 
@@ -374,12 +224,13 @@ def layer_sweep(
 @dataclass(frozen=True)
 class StepTimes:
     """Median seconds of whole training steps of an MLP (``depth`` tanh layers of ``width``,
-    batch ``batch``, ``MSELoss``) with SGD and with :class:`natlib.optim.KFAC`.
+    batch ``batch``, ``MSELoss``) with SGD and with :class:`natlib.optim.KFAC` (Monte-Carlo
+    Fisher, factored damping), split by :func:`natlib.timing.step_parts`.
 
     ``kfac_s``: a K-FAC step that neither updates factors nor refreshes inverses
     (forward, backward, preconditioning); ``kfac_factors_s``: one that updates the factors
-    (Monte-Carlo Fisher: plus the sampled backward); ``refresh_s``: eigendecompositions and
-    damped inverses of every layer. Peak bytes are measured on CUDA only.
+    (plus the sampled backward); ``refresh_s``: eigendecompositions and damped inverses of
+    every layer. Peak bytes are measured on CUDA only.
     """
 
     width: int
@@ -402,48 +253,27 @@ class StepTimes:
         return self.step_seconds(T_cov, T_inv) / self.sgd_s
 
     def parts(self, T_cov: int = 1, T_inv: int = 1) -> dict[str, float]:
-        """Amortised seconds by :data:`PARTS`, as differences of the measured steps."""
-        return {
-            "forward_backward": self.sgd_s,
-            "factors": (self.kfac_factors_s - self.kfac_s) / T_cov,
-            "precondition": self.kfac_s - self.sgd_s,
-            "refresh": self.refresh_s / T_inv,
-        }
+        """Amortised seconds by :data:`natlib.costmodel.PARTS`
+        (:func:`natlib.timing.amortised_parts`)."""
+        return timing.amortised_parts(
+            self.sgd_s, self.kfac_s, self.kfac_factors_s, self.refresh_s, T_cov, T_inv
+        )
 
     def dominant(self, T_cov: int = 1, T_inv: int = 1) -> str:
-        """The most expensive of :data:`GROUPS`."""
+        """The most expensive of :data:`natlib.costmodel.GROUPS`."""
         return dominant(self.parts(T_cov, T_inv))
 
     @property
     def precondition_overhead(self) -> float:
-        """What preconditioning adds, relative to SGD (the model: :math:`2d/(3B)`)."""
+        """The preconditioning's time relative to an SGD step, which the model puts at
+        :math:`2d/(3B)`."""
         return self.kfac_s / self.sgd_s - 1
 
 
-def training_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, X: Tensor, y: Tensor
-) -> Callable[[], None]:
-    """One step of the usual loop: zero the gradients, forward, backward, ``optimizer.step()``."""
-
-    def step() -> None:
-        optimizer.zero_grad()
-        loss_fn(model(X), y).backward()
-        optimizer.step()
-
-    return step
-
-
-STEP_PARTS = ("sgd", "kfac", "kfac_factors", "refresh")
-
-
-def _mlp_problem(
+def _problem(
     width: int, batch: int, depth: int, device: torch.device, dtype: torch.dtype, seed: int
-) -> tuple[nn.Module, Tensor, Tensor, nn.Module]:
-    """A tanh MLP of ``depth`` square layers, a random batch and random targets, ``MSELoss``."""
-    generator = torch.Generator().manual_seed(seed)
-    model = problems.mlp([width] * (depth + 1), seed=seed).to(device=device, dtype=dtype)
-    X, y = (torch.randn(batch, width, generator=generator, dtype=dtype).to(device) for _ in "Xy")
-    return model, X, y, nn.MSELoss()
+):
+    return timing.random_mlp_problem([width] * (depth + 1), batch, "mse", device, dtype, seed)
 
 
 def cycle_seconds(
@@ -460,44 +290,12 @@ def cycle_seconds(
     """Seconds per K-FAC step measured directly over whole cycles of ``T_inv`` steps, each with
     one refresh and ``T_inv / T_cov`` factor updates (the check on
     :meth:`StepTimes.step_seconds`, which composes the same from its parts)."""
-    model, X, y, loss_fn = _mlp_problem(width, batch, depth, device, dtype, seed)
-    optimizer = KFAC(model, loss_fn, lr=LEARNING_RATE, damping=DAMPING, T_cov=T_cov, T_inv=T_inv)
-    step = training_step(model, optimizer, loss_fn, X, y)
-
-    def cycle() -> None:
-        for _ in range(T_inv):
-            step()
-
+    model, X, y, loss_fn = _problem(width, batch, depth, device, dtype, seed)
+    optimizer = KFAC(model, loss_fn, T_cov=T_cov, T_inv=T_inv, **KFAC_OPTIONS)
+    cycle = timing.training_step(model, optimizer, loss_fn, X, y, steps=T_inv)
     seconds = _seconds(cycle, device, min_run_time) / T_inv
     optimizer.remove_hooks()
     return seconds
-
-
-def _step_parts(
-    width: int, batch: int, depth: int, device: torch.device, dtype: torch.dtype, seed: int
-) -> tuple[dict[str, Callable[[], object]], dict[str, int | None], list[KFAC]]:
-    """The functions :func:`step_sweep` times for one MLP (each optimiser on its own copy), the
-    peak memory of each one's first step (every update runs), and the K-FAC optimisers."""
-    model, X, y, loss_fn = _mlp_problem(width, batch, depth, device, dtype, seed)
-    fns: dict[str, Callable[[], object]] = {}
-    optimizers = []
-    for name, T_cov, T_inv in (("sgd", 0, 0), ("kfac", ONCE, ONCE), ("kfac_factors", 1, ONCE)):
-        net = copy.deepcopy(model)
-        if name == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE)
-        else:
-            optimizer = KFAC(
-                net, loss_fn, lr=LEARNING_RATE, damping=DAMPING, T_cov=T_cov, T_inv=T_inv
-            )
-            optimizers.append(optimizer)
-        fns[name] = training_step(net, optimizer, loss_fn, X, y)
-    peaks = {name: bench.peak_memory_bytes(fn, device) for name, fn in fns.items()}
-    mc = torch.Generator(device).manual_seed(seed)
-    factors = kfac(model, loss_fn, X, fisher="mc", generator=mc).factors.values()
-    fns["refresh"] = lambda: [
-        DampedInverse.of(eigh(A, "A"), eigh(G, "G"), DAMPING, "pi") for A, G in factors
-    ]
-    return fns, peaks, optimizers
 
 
 def step_sweep(
@@ -510,23 +308,28 @@ def step_sweep(
     seed: int = 0,
 ) -> list[StepTimes]:
     """:class:`StepTimes` for each ``(width, batch, depth)``, timed in interleaved rounds."""
-    built = [_step_parts(*config, device, dtype, seed) for config in configs]
-    times = [{part: [] for part in STEP_PARTS} for _ in configs]
-    for _ in tqdm(range(rounds), desc="step sweep", disable=not progress):
-        for (fns, _, _), record in zip(built, times):
-            for part, fn in fns.items():
-                record[part].append(_seconds(fn, device, min_run_time))
-    for _, _, optimizers in built:
-        for optimizer in optimizers:
-            optimizer.remove_hooks()
+    built = []
+    for config in configs:
+        model, X, y, loss_fn = _problem(*config, device, dtype, seed)
+        built.append(timing.step_parts(model, loss_fn, X, y, SGD_OPTIONS, KFAC_OPTIONS))
+    timers = {
+        (i, part): (lambda fn=fn: _seconds(fn, device, min_run_time))
+        for i, parts in enumerate(built)
+        for part, fn in parts.fns.items()
+    }
+    try:
+        seconds = timing.interleaved_medians(timers, rounds, "step sweep" if progress else None)
+    finally:
+        for parts in built:
+            parts.close()
     return [
         StepTimes(
             *config,
-            *(median(record[part]) for part in STEP_PARTS),
-            peaks["sgd"],
-            peaks["kfac_factors"],
+            *(seconds[i, part] for part in timing.STEP_PARTS),
+            parts.peaks["sgd"],
+            parts.peaks["kfac_factors"],
         )
-        for config, (_, peaks, _), record in zip(configs, built, times)
+        for i, (config, parts) in enumerate(zip(configs, built))
     ]
 
 
@@ -623,7 +426,7 @@ def measure(
     clock = "CPU time of one thread" if device.type == "cpu" else "wall clock"
     return ScalingRecord(
         environment={
-            **bench.environment(device),
+            **timing.environment(device),
             "threads": TIMING_THREADS,
             "clock": clock,
             "dtype": str(dtype).removeprefix("torch."),
@@ -637,8 +440,8 @@ def measure(
 
 
 def write_record(record: ScalingRecord, path: Path) -> None:
-    """Write a record as JSON (:func:`natlib.bench.write_json`)."""
-    bench.write_json(record, path)
+    """Write a record as JSON (:func:`natlib.timing.write_json`)."""
+    timing.write_json(record, path)
 
 
 def read_record(path: Path) -> ScalingRecord:
@@ -666,7 +469,5 @@ def read_record(path: Path) -> ScalingRecord:
 def benchmark(device: str | torch.device | None = None, full: bool = True) -> ScalingRecord:
     """``python -m natlib bench scaling --device cpu|cuda --out book/data/scaling-<device>.json``:
     :func:`measure` with the full :meth:`Settings.default` ranges and progress bars."""
-    device = runtime.device() if device is None else torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asks for a GPU, but torch sees no CUDA device.")
+    device = timing.resolve_device(device)
     return measure(Settings.default(device, full), device, progress=True)

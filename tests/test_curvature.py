@@ -275,28 +275,12 @@ def test_natural_gradient_solves_the_damped_system(case):
     assert_close(direction, expected, rtol=1e-9)
 
 
-def test_conjugate_gradient_reports_iterations_and_convergence():
-    A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
-    b = torch.ones(5, dtype=torch.float64)
-    result = curvature.conjugate_gradient(lambda v: A @ v, b)
-    assert result.converged and result.iterations == 5
-    assert_close(result.x, 1 / torch.arange(1.0, 6.0, dtype=torch.float64))
-    truncated = curvature.conjugate_gradient(lambda v: A @ v, b, max_iter=2)
-    assert not truncated.converged and truncated.iterations == 2 and truncated.residual > 1e-3
-
-
 # Clear errors for bad input.
-
-
-def test_conjugate_gradient_rejects_indefinite_matrices():
-    A = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
-    with pytest.raises(ValueError, match="not positive definite"):
-        curvature.conjugate_gradient(lambda v: A @ v, torch.ones(2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("damping", [0.0, -1.0])
 def test_natural_gradient_rejects_non_positive_damping(damping):
-    with pytest.raises(ValueError, match="damping must be positive"):
+    with pytest.raises(ValueError, match="damping must be a positive finite number"):
         curvature.natural_gradient(*_case("ce"), damping=damping)
 
 
@@ -321,7 +305,7 @@ def test_empirical_fisher_needs_labels():
 def test_parameters_must_require_grad():
     model, loss_fn, X, y = _case("ce")
     model[0].bias.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"\['0.bias'\] do not require grad"):
+    with pytest.raises(ValueError, match="parameter '0.bias' does not require grad"):
         curvature.fisher(model, loss_fn, X, y)
 
 

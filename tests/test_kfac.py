@@ -8,15 +8,9 @@ from helpers import assert_close
 from torch import nn
 
 from natlib import curvature, problems
-from natlib.kfac import (
-    DampedInverse,
-    KFACApproximation,
-    eigh,
-    kfac,
-    layer_blocks,
-    linear_layers,
-    nearest_kronecker,
-)
+from natlib.kfac import KFACApproximation, nearest_kronecker
+from natlib.layout import ParamLayout
+from natlib.linalg import damped_inverse, eigh
 from natlib.symbolic import kronecker_identities
 
 LOSSES = ("ce", "mse", "bce")
@@ -36,7 +30,11 @@ def loss_and_targets(name: str, reduction: str, n: int, c: int, seed: int = 0):
 
 def block_diagonal(F: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """The layer-wise block diagonal of a dense matrix in parameter order."""
-    return torch.block_diag(*layer_blocks(F, linear_layers(model)))
+    return ParamLayout.of(model).block_diagonal(F)
+
+
+def kfac(model, loss_fn, X, y=None, **options) -> KFACApproximation:
+    return KFACApproximation.from_batch(model, loss_fn, X, y, **options)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -80,7 +78,7 @@ def test_vector_output_model() -> None:
 
 
 @pytest.mark.parametrize("name", LOSSES)
-def test_mc_factors_converge_to_type2(name: str) -> None:
+def test_mc_factors_converge_to_exact(name: str) -> None:
     model = problems.mlp([4, 5, 3], seed=1)
     loss_fn, _ = loss_and_targets(name, "mean", 6, 3)
     X = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
@@ -88,7 +86,7 @@ def test_mc_factors_converge_to_type2(name: str) -> None:
     errors = []
     for samples in (10, 10_000):
         generator = torch.Generator().manual_seed(3)
-        mc = kfac(model, loss_fn, X, fisher="mc", mc_samples=samples, generator=generator)
+        mc = kfac(model, loss_fn, X, kind="mc", mc_samples=samples, generator=generator)
         error = 0.0
         for layer, (A, G) in exact.items():
             assert torch.equal(mc.factors[layer][0], A)
@@ -120,15 +118,17 @@ def test_empirical_factors_by_hand(name: str, reduction: str) -> None:
         a1, a2 = torch.cat([x, torch.ones(1)]), torch.cat([h, torch.ones(1)])
         A1, A2 = A1 + torch.outer(a1, a1) / 6, A2 + torch.outer(a2, a2) / 6
         G1, G2 = G1 + r * torch.outer(g1, g1), G2 + r * torch.outer(g2, g2)
-    factors = kfac(model, loss_fn, X, y, fisher="empirical").factors
+    factors = kfac(model, loss_fn, X, y, kind="empirical").factors
     for actual, expected in zip([*factors["0"], *factors["2"]], [A1, G1, A2, G2]):
         assert_close(actual, expected)
 
 
-def _approximation(bias: bool = True) -> tuple[nn.Module, KFACApproximation]:
+def _approximation(
+    bias: bool = True, damping_mode: str = "exact"
+) -> tuple[nn.Module, KFACApproximation]:
     model = problems.mlp([4, 3, 2], bias=bias, seed=1)
     X = torch.randn(7, 4, generator=torch.Generator().manual_seed(2))
-    return model, kfac(model, nn.CrossEntropyLoss(), X)
+    return model, kfac(model, nn.CrossEntropyLoss(), X, damping_mode=damping_mode)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -141,7 +141,7 @@ def test_solve_exact_damping(bias: bool) -> None:
 
 
 def test_solve_pi_damping_equals_dense_kronecker_inverse() -> None:
-    _, approx = _approximation()
+    _, approx = _approximation(damping_mode="pi")
     lam = 0.1
     blocks = []
     for layer in approx.layers:
@@ -153,28 +153,40 @@ def test_solve_pi_damping_equals_dense_kronecker_inverse() -> None:
         blocks.append(torch.kron(damped_g, damped_a)[order][:, order])
     dense = torch.block_diag(*blocks)
     v = torch.randn(dense.shape[0], generator=torch.Generator().manual_seed(4))
-    assert_close(approx.solve(v, lam, mode="pi"), torch.linalg.solve(dense, v))
+    assert_close(approx.solve(v, lam), torch.linalg.solve(dense, v))
 
 
-def test_solve_accepts_per_parameter_tensors() -> None:
+def test_solve_refreshes_when_the_damping_changes_and_stays_stale_after_update() -> None:
     model, approx = _approximation()
-    parts = [torch.randn_like(p) for p in model.parameters()]
-    flat = approx.solve(torch.cat([p.flatten() for p in parts]), 0.1)
-    out = approx.solve(parts, 0.1)
-    assert [o.shape for o in out] == [p.shape for p in parts]
-    assert_close(torch.cat([o.flatten() for o in out]), flat)
+    v = torch.randn(approx.layout.numel, generator=torch.Generator().manual_seed(4))
+    first = approx.solve(v, 0.1)
+    K = approx.to_dense()
+    assert_close(approx.solve(v, 1.0), torch.linalg.solve(K + torch.eye(len(v)), v))
+    X = torch.randn(5, 4, generator=torch.Generator().manual_seed(9))
+    approx.update(kfac(model, nn.CrossEntropyLoss(), X, damping_mode="exact"), decay=0.5)
+    stale = approx.solve(v, 1.0)  # the inverse of the last refresh, on purpose
+    assert_close(stale, torch.linalg.solve(K + torch.eye(len(v)), v))
+    approx.refresh(0.1)
+    K = approx.to_dense()
+    assert_close(approx.solve(v, 0.1), torch.linalg.solve(K + 0.1 * torch.eye(len(v)), v))
+    assert not torch.allclose(approx.solve(v, 0.1), first)
 
 
 def test_cost_counts() -> None:
     _, approx = _approximation()  # layers 4 -> 3 (d_A = 5, d_G = 3) and 3 -> 2 (4, 2)
-    cost = approx.cost()
-    assert cost.factor_numel == 25 + 9 + 16 + 4
-    assert cost.factor_bytes == 8 * cost.factor_numel
+    factor_numel = 25 + 9 + 16 + 4
+    assert approx.memory_bytes == 8 * factor_numel
     assert approx.num_cotangents == 1  # B has C - 1 = 1 column for 2 classes
-    assert cost.factor_flops == 2 * 7 * (25 + 9) + 2 * 7 * (16 + 4)
-    assert cost.decomposition_flops == 9 * (125 + 27 + 64 + 8)
+    flops = approx.flops
+    assert flops.update == 2 * 7 * (25 + 9) + 2 * 7 * (16 + 4)
+    assert flops.refresh == 9 * (125 + 27 + 64 + 8)
     products = 15 * 8 + 8 * 6
-    assert cost.solve_flops == {"exact": 4 * products, "pi": 2 * products}
+    assert flops.solve == 4 * products
+    approx.refresh(0.1)  # eigenvectors and the (d_G, d_A) scale of exact damping
+    assert approx.memory_bytes == 8 * (2 * factor_numel + 15 + 8)
+    _, factored = _approximation(damping_mode="pi")
+    assert factored.flops.solve == 2 * products
+    assert factored.flops.refresh == 11 * (125 + 27 + 64 + 8)
 
 
 def test_nearest_kronecker() -> None:
@@ -183,18 +195,20 @@ def test_nearest_kronecker() -> None:
     X = torch.randn(9, 4, generator=torch.Generator().manual_seed(2))
     approx = kfac(model, nn.CrossEntropyLoss(), X)
     F = curvature.fisher(model, nn.CrossEntropyLoss(), X)
+    layout = approx.layout
     for layer, kfac_block, block in zip(
         approx.layers,
-        layer_blocks(approx.to_dense(), approx.layers),
-        layer_blocks(F, approx.layers),
+        layout.block_diagonal_blocks(approx.to_dense()),
+        layout.block_diagonal_blocks(F),
     ):
         A, G = nearest_kronecker(kfac_block, layer)
         assert_close(torch.kron(A, G), torch.kron(*approx.factors[layer.name]))
         A, G = nearest_kronecker(block, layer)
-        single = KFACApproximation([layer], {layer.name: (A, G)}, 1, 1).to_dense()
+        order = layer.permutation()
+        single = torch.kron(G, A)[order][:, order]
         assert (single - block).norm() <= (kfac_block - block).norm()
-    with pytest.raises(ValueError, match="matrix is 3 wide"):
-        layer_blocks(torch.eye(3), approx.layers)
+    with pytest.raises(ValueError, match="holds 43 parameters, the matrix is"):
+        layout.block_diagonal_blocks(torch.eye(3))
 
 
 def test_kronecker_identities_hold() -> None:
@@ -236,20 +250,20 @@ def test_nan_factor_is_named() -> None:
     A, G = approx.factors["2"]
     approx.factors["2"] = (A, torch.full_like(G, float("nan")))
     with pytest.raises(ValueError, match="factor G of layer '2' contains NaN"):
-        approx.solve(torch.zeros(sum(layer.numel for layer in approx.layers)), 0.1)
+        approx.solve(torch.zeros(approx.layout.numel), 0.1)
 
 
 def test_bad_inputs() -> None:
     model = problems.mlp([3, 2], seed=0)
     X = torch.randn(4, 3)
     with pytest.raises(ValueError, match="empirical.*pass y"):
-        kfac(model, nn.MSELoss(), X, fisher="empirical")
-    with pytest.raises(ValueError, match="fisher 'type-1' is not supported"):
-        kfac(model, nn.MSELoss(), X, fisher="type-1")
+        kfac(model, nn.MSELoss(), X, kind="empirical")
+    with pytest.raises(ValueError, match="Fisher kind 'type-1' is not supported"):
+        kfac(model, nn.MSELoss(), X, kind="type-1")
     with pytest.raises(ValueError, match="L1Loss is not supported"):
         kfac(model, nn.L1Loss(), X)
     with pytest.raises(ValueError, match="mc_samples"):
-        kfac(model, nn.MSELoss(), X, fisher="mc", mc_samples=0)
+        kfac(model, nn.MSELoss(), X, kind="mc", mc_samples=0)
     with pytest.raises(ValueError, match="model output contains NaN"):
         kfac(model, nn.MSELoss(), torch.full((4, 3), float("nan")))
     with pytest.raises(ValueError, match=r"\(N, d_in\) inputs"):
@@ -257,11 +271,11 @@ def test_bad_inputs() -> None:
     shared = problems.mlp([3, 3], seed=0)[0]
     with pytest.raises(ValueError, match="ran twice"):
         kfac(nn.Sequential(shared, nn.Tanh(), shared), nn.MSELoss(), X)
-    with pytest.raises(ValueError, match="must have shape"):
+    with pytest.raises(ValueError, match="must be a tensor of shape"):
         kfac(model, nn.MSELoss(), X).solve(torch.zeros(3), 0.1)
 
 
 def test_damped_inverse_rejects_unknown_mode() -> None:
     eigen = eigh(torch.eye(2), "I")
     with pytest.raises(ValueError, match="damping mode 'tikhonov' is not supported"):
-        DampedInverse.of(eigen, eigen, 0.1, "tikhonov")
+        damped_inverse(eigen, eigen, 0.1, "tikhonov")

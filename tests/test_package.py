@@ -1,7 +1,9 @@
 """The package's shape: every submodule imports, and imports flow one way through the layers.
 
-DESIGN.md: runtime, losses -> problems, curvature, kfac -> reparam, ... -> optim -> bench ->
-``__main__``. No module imports a layer above its own or the package root's re-exports.
+DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel ->
+problems, curvature, factors, interface -> kfac, exact, reference -> reparam, ... -> optim ->
+timing -> bench, scaling -> ``__main__``. No module imports a layer above its own or the
+package root's re-exports.
 """
 
 from __future__ import annotations
@@ -17,19 +19,29 @@ import natlib
 PACKAGE = Path(natlib.__file__).parent
 LAYERS = {
     "runtime": 0,
+    "checks": 0,
+    "hooks": 0,
     "losses": 0,
     "plotting": 0,
     "notebooks": 0,
-    "problems": 1,
-    "curvature": 1,
-    "kfac": 1,
-    "symbolic": 2,
-    "reparam": 2,
-    "kunstner": 2,
-    "optim": 3,
-    "bench": 4,
-    "scaling": 5,
-    "__main__": 6,
+    "layout": 1,
+    "linalg": 1,
+    "costmodel": 1,
+    "problems": 2,
+    "curvature": 2,
+    "factors": 2,
+    "interface": 2,
+    "kfac": 3,
+    "exact": 3,
+    "reference": 3,
+    "symbolic": 4,
+    "reparam": 4,
+    "kunstner": 4,
+    "optim": 5,
+    "timing": 6,
+    "bench": 7,
+    "scaling": 7,
+    "__main__": 8,
 }
 
 

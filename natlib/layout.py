@@ -1,0 +1,199 @@
+r"""One parameter layout: flat vector, per-parameter tensors, per-module blocks, ``[W | b]``.
+
+Every dense ``(P, P)`` matrix and flat vector in natlib is indexed like
+``parameters_to_vector(model.parameters())``: parameters in registration order, each
+flattened row-major. A :class:`ParamLayout` records that order once, and converts between
+
+- the flat vector (``(P,)``),
+- the per-parameter tensors (``split`` / ``flatten``),
+- the blocks of the parameters each module owns (``blocks``, ``block_diagonal``),
+- and, for ``nn.Linear`` layers, the ``(d_out, d_in + 1)`` matrix :math:`[W \mid b]`
+  (:class:`LinearLayer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Block:
+    """The parameters one module owns, at ``start:stop`` of the flat vector."""
+
+    name: str
+    module: nn.Module = field(repr=False, compare=False)
+    start: int
+    stop: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class LinearLayer(Block):
+    """An ``nn.Linear`` block, whose gradient is the matrix :math:`[dW \\mid db]`."""
+
+    d_in: int = 0
+    d_out: int = 0
+    bias: bool = False
+
+    @property
+    def d_a(self) -> int:
+        """Size of the input factor: :math:`d_\\text{in}` plus one with a bias."""
+        return self.d_in + int(self.bias)
+
+    def join(self, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The ``(d_out, d_a)`` matrix :math:`[W \\mid b]` of a weight-shaped and bias pair."""
+        return weight if bias is None else torch.cat([weight, bias.unsqueeze(-1)], dim=-1)
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`join`: ``[weight]`` or ``[weight, bias]``."""
+        if not self.bias:
+            return [matrix]
+        return [matrix[..., : self.d_in], matrix[..., self.d_in]]
+
+    def matrix(self, v: Tensor) -> Tensor:
+        """This layer's part of a flat vector ``v`` as :math:`[W \\mid b]`."""
+        part = v[self.slice]
+        weight = part[: self.d_out * self.d_in].view(self.d_out, self.d_in)
+        return self.join(weight, part[self.d_out * self.d_in :] if self.bias else None)
+
+    def flat(self, matrix: Tensor) -> Tensor:
+        """Inverse of :meth:`matrix`: ``[W | b]`` back to this layer's flat part."""
+        return torch.cat([p.flatten() for p in self.split(matrix)])
+
+    def permutation(self, device: torch.device | None = None) -> Tensor:
+        """Indices into row-major :math:`\\mathrm{vec}([W \\mid b])` in parameter order
+        (weight row-major, then bias)."""
+        index = torch.arange(self.numel, device=device).view(self.d_out, self.d_a)
+        if not self.bias:
+            return index.flatten()
+        return torch.cat([index[:, : self.d_in].flatten(), index[:, self.d_in]])
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where every parameter of a model sits in the flat vector, grouped by module.
+
+    Build it with :meth:`of`. ``blocks`` lists the modules that own parameters, in parameter
+    order.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    blocks: tuple[Block, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module, linear_only: bool = False) -> ParamLayout:
+        """The layout of ``model.parameters()``.
+
+        Args:
+            linear_only: every module with parameters must be an ``nn.Linear`` (K-FAC's
+                models); its blocks are then :class:`LinearLayer`.
+
+        Raises:
+            ValueError: if the model has no parameters, a parameter is frozen or shared
+                between modules (tied weights), or (``linear_only``) a module with parameters
+                is not an ``nn.Linear``.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        names, shapes, blocks, owners = [], [], [], {}
+        start = 0
+        for module_name, module in model.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            if not own:
+                continue
+            label = module_name or "<root>"
+            for name, p in own:
+                full = f"{module_name}.{name}" if module_name else name
+                if id(p) in owners:
+                    raise ValueError(
+                        f"parameter {full!r} is the same tensor as {owners[id(p)]!r} (tied "
+                        "weights); natlib's curvature is defined per parameter, so untie them."
+                    )
+                if not p.requires_grad:
+                    raise ValueError(
+                        f"parameter {full!r} does not require grad; curvature is defined over "
+                        "all parameters, so set requires_grad=True or wrap the trainable part "
+                        "in its own module."
+                    )
+                owners[id(p)] = full
+                names.append(full)
+                shapes.append(p.shape)
+            stop = start + sum(p.numel() for _, p in own)
+            if linear_only:
+                if type(module) is not nn.Linear:
+                    raise ValueError(
+                        f"layer {label!r} ({type(module).__name__}) has parameters, but K-FAC "
+                        "here supports only nn.Linear layers (with or without bias)."
+                    )
+                blocks.append(
+                    LinearLayer(
+                        label,
+                        module,
+                        start,
+                        stop,
+                        module.in_features,
+                        module.out_features,
+                        module.bias is not None,
+                    )
+                )
+            else:
+                blocks.append(Block(label, module, start, stop))
+            start = stop
+        if not blocks:
+            raise ValueError("the model has no parameters.")
+        if [id(p) for p in model.parameters()] != list(owners):
+            raise ValueError(
+                "the model's parameters() order differs from its modules' order; natlib "
+                "needs parameters registered module by module."
+            )
+        return cls(tuple(names), tuple(shapes), tuple(blocks))
+
+    @property
+    def numel(self) -> int:
+        """P, the number of parameters."""
+        return self.blocks[-1].stop
+
+    @property
+    def sizes(self) -> list[int]:
+        return [s.numel() for s in self.shapes]
+
+    def check_vector(self, v: Tensor, name: str = "v") -> None:
+        """Raise ``ValueError`` unless ``v`` is a tensor of shape ``(P,)``."""
+        if not isinstance(v, Tensor) or v.shape != (self.numel,):
+            shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"{name} must be a tensor of shape ({self.numel},), got {shape}.")
+
+    def split(self, v: Tensor) -> list[Tensor]:
+        """Views of a flat vector as the per-parameter tensors."""
+        self.check_vector(v)
+        return [c.view(s) for c, s in zip(v.split(self.sizes), self.shapes)]
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """The flat vector of per-parameter tensors (shaped like the parameters)."""
+        if len(tensors) != len(self.shapes):
+            raise ValueError(f"expected {len(self.shapes)} tensors, got {len(tensors)}.")
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def block_diagonal_blocks(self, matrix: Tensor) -> list[Tensor]:
+        """The diagonal blocks of a ``(P, P)`` matrix, one per module."""
+        if matrix.shape != (self.numel, self.numel):
+            raise ValueError(
+                f"the model holds {self.numel} parameters, the matrix is {tuple(matrix.shape)}."
+            )
+        return [matrix[b.slice, b.slice] for b in self.blocks]
+
+    def block_diagonal(self, matrix: Tensor) -> Tensor:
+        """``matrix`` with every entry outside the per-module diagonal blocks set to zero."""
+        return torch.block_diag(*self.block_diagonal_blocks(matrix))

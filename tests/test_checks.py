@@ -1,0 +1,49 @@
+"""natlib.checks: each check accepts what it names and rejects the rest with that name."""
+
+import numpy as np
+import pytest
+
+from natlib.checks import (
+    check_choice,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    check_unit_interval,
+)
+from natlib.losses import FisherKind
+
+
+def test_accepted_values() -> None:
+    check_positive("damping", 1e-3)
+    check_positive("damping", np.float64(2.0))
+    check_non_negative("lr", 0)
+    check_unit_interval("momentum", 0.0)
+    check_positive_int("T_inv", np.int64(3))
+    check_choice("Fisher kind", "mc", FisherKind)
+
+
+@pytest.mark.parametrize(
+    "check, value, error, message",
+    [
+        (check_positive, 0.0, ValueError, "damping must be a positive finite number, got 0.0"),
+        (check_positive, float("inf"), ValueError, "positive finite number, got inf"),
+        (check_positive, float("nan"), ValueError, "positive finite number, got nan"),
+        (check_positive, "1", TypeError, "damping must be a real number"),
+        (check_positive, True, TypeError, "damping must be a real number"),
+        (check_non_negative, -1.0, ValueError, "damping must be a non-negative finite number"),
+        (check_non_negative, float("nan"), ValueError, "non-negative finite number, got nan"),
+        (check_unit_interval, 1.0, ValueError, r"damping must lie in \[0, 1\), got 1.0"),
+        (check_unit_interval, float("nan"), ValueError, "must lie in"),
+        (check_positive_int, 0, ValueError, "damping must be a positive integer, got 0"),
+        (check_positive_int, 2.0, ValueError, "positive integer, got 2.0"),
+        (check_positive_int, True, ValueError, "positive integer, got True"),
+    ],
+)
+def test_rejected_values_name_the_argument(check, value, error, message) -> None:
+    with pytest.raises(error, match=message):
+        check("damping", value)
+
+
+def test_choice_lists_what_is_supported() -> None:
+    with pytest.raises(ValueError, match=r"kind 'type-2' is not supported; use one of \('exact'"):
+        check_choice("kind", "type-2", FisherKind)

@@ -1,0 +1,156 @@
+"""Every curvature object of natlib against the one interface (natlib.interface).
+
+One parametrised suite: ``matvec`` equals ``to_dense() @ v``; ``solve`` inverts the damped
+matrix; ``to_dense`` is symmetric and in parameter order; ``from_batch`` takes ``kind``;
+running estimates average and refresh; ``memory_bytes`` and ``flops`` are counts; and each
+object equals its definition from the slow per-example reference where it is exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import LOSSES, mlp_case, vector
+from helpers import assert_close
+
+from natlib import curvature
+from natlib.exact import GGN, Fisher, Hessian
+from natlib.interface import Curvature, Flops, RunningCurvature
+from natlib.kfac import KFACApproximation
+
+pytestmark = pytest.mark.usefixtures("float64")
+
+CLASSES = {
+    "hessian": (Hessian, {}),
+    "ggn": (GGN, {}),
+    "fisher-exact": (Fisher, {"kind": "exact"}),
+    "fisher-mc": (Fisher, {"kind": "mc", "mc_samples": 3}),
+    "fisher-empirical": (Fisher, {"kind": "empirical"}),
+    "kfac-exact": (KFACApproximation, {"kind": "exact", "damping_mode": "exact"}),
+    "kfac-mc": (KFACApproximation, {"kind": "mc", "damping_mode": "exact"}),
+    "kfac-empirical": (KFACApproximation, {"kind": "empirical", "damping_mode": "exact"}),
+}
+
+
+def build(name: str, loss: str = "ce", n: int = 7, seed: int = 0) -> Curvature:
+    cls, options = CLASSES[name]
+    case = mlp_case(loss, n=n, seed=seed)
+    if options.get("kind") == "mc":
+        options = options | {"generator": torch.Generator().manual_seed(seed)}
+    return cls.from_batch(case.model, case.loss_fn, case.X, case.y, **options)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("name", CLASSES)
+def test_matvec_equals_dense_product(name: str, loss: str) -> None:
+    C = build(name, loss)
+    v = vector(C.layout.numel)
+    product = C.matvec(v)  # matrix-free where the object has a product
+    assert_close(product, C.to_dense() @ v)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_dense_is_symmetric_and_default_to_dense_agrees(name: str) -> None:
+    C = build(name)
+    dense = C.to_dense()
+    assert dense.shape == (C.layout.numel, C.layout.numel)
+    assert_close(dense, dense.T, rtol=1e-12)
+    assert_close(Curvature.to_dense(C), dense)  # the interface's default, column by column
+
+
+@pytest.mark.parametrize("damping", [1e-2, 1.0])
+@pytest.mark.parametrize("name", CLASSES)
+def test_solve_inverts_the_damped_matrix(name: str, damping: float) -> None:
+    C = build(name)
+    if name.startswith("hessian"):
+        damping = damping + 10.0  # keep H + lambda I away from singular
+    v = vector(C.layout.numel)
+    x = C.solve(v, damping)
+    assert_close(C.matvec(x) + damping * x, v, rtol=1e-9)
+    # solve(matvec(v)) + lambda solve(v) = v, the damped identity of the interface.
+    assert_close(C.solve(C.matvec(v), damping) + damping * C.solve(v, damping), v, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_costs_are_positive_counts(name: str) -> None:
+    C = build(name)
+    assert isinstance(C.flops, Flops)
+    assert C.flops.solve > 0 and C.flops.refresh > 0 and C.flops.update >= 0
+    C.solve(vector(C.layout.numel), 1e2)
+    assert C.memory_bytes >= C.layout.numel * 8
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_running_estimate_averages_and_resumes(name: str) -> None:
+    C, D = build(name, seed=0), build(name, seed=1)
+    if not isinstance(C, RunningCurvature):
+        pytest.skip("not a running estimate")
+    if isinstance(C, KFACApproximation):  # K-FAC averages each factor, not the product
+        expected = {
+            n: [0.25 * a + 0.75 * b for a, b in zip(f, D.factors[n])] for n, f in C.factors.items()
+        }
+        C.update(D, decay=0.25)
+        for n, (A, G) in C.factors.items():
+            assert_close(A, expected[n][0])
+            assert_close(G, expected[n][1])
+    else:
+        expected = 0.25 * C.to_dense() + 0.75 * D.to_dense()
+        C.update(D, decay=0.25)
+        assert_close(C.to_dense(), expected)
+    damping = 11.0
+    C.refresh(damping)
+    case = mlp_case(seed=0)
+    restored = type(C).from_state_dict(case.model, case.loss_fn, C.state_dict())
+    v = vector(C.layout.numel)
+    assert torch.equal(restored.solve(v, damping), C.solve(v, damping))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_exact_objects_equal_their_definitions(loss: str) -> None:
+    case = mlp_case(loss, n=5)
+    args = (case.model, case.loss_fn, case.X, case.y)
+    assert_close(Hessian.from_batch(*args).to_dense(), curvature.hessian(*args))
+    assert_close(GGN.from_batch(*args).to_dense(), curvature.ggn(*args))
+    for kind in ("exact", "empirical"):
+        assert_close(
+            Fisher.from_batch(*args, kind=kind).to_dense(),
+            curvature.fisher(*args, kind=kind),
+        )
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_kfac_is_exact_for_one_example(loss: str) -> None:
+    """The case where K-FAC is provably exact: one example, the Fisher's diagonal blocks."""
+    case = mlp_case(loss, sizes=(4, 5, 3, 3), n=1)
+    K = KFACApproximation.from_batch(case.model, case.loss_fn, case.X, case.y)
+    F = Fisher.from_batch(case.model, case.loss_fn, case.X, case.y)
+    assert_close(K.to_dense(), K.layout.block_diagonal(F.to_dense()))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_bad_vectors_and_damping_are_rejected(name: str) -> None:
+    C = build(name)
+    with pytest.raises(ValueError, match="must be a tensor of shape"):
+        C.matvec(torch.zeros(3))
+    for damping in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="damping must be a positive finite number"):
+            C.solve(vector(C.layout.numel), damping)
+
+
+def test_hessian_and_ggn_have_no_kind_and_no_watcher() -> None:
+    case = mlp_case()
+    with pytest.raises(ValueError, match="has no Fisher kind"):
+        Hessian.from_batch(case.model, case.loss_fn, case.X, case.y, kind="mc")
+    with pytest.raises(ValueError, match="needs the labels"):
+        GGN.watch(case.model, case.loss_fn, kind="exact", mc_samples=1, generator=None)
+
+
+def test_matrix_free_solve_uses_conjugate_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    import natlib.exact
+
+    monkeypatch.setattr(natlib.exact, "DENSE_LIMIT", 10)
+    C = build("fisher-exact")
+    v = vector(C.layout.numel)
+    x = C.solve(v, 0.1)
+    assert C._dense is None  # never formed
+    assert_close(C.matvec(x) + 0.1 * x, v, rtol=1e-9)
