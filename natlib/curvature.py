@@ -99,9 +99,7 @@ def _batch(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor | None) ->
             f"the model maps {X.shape[0]} examples to an output of shape {tuple(raw.shape)}; "
             "it must keep the batch dimension first."
         )
-    output = lik.output_matrix(raw)
-    check_finite(output, "the model output")
-    target = None if y is None else lik.target_matrix(raw, y)
+    output, target = lik.prepare(raw, y)
     return _Batch(forward, theta, X, y, loss_fn, lik, output, raw.shape, target)
 
 

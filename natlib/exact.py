@@ -116,6 +116,10 @@ class ExactCurvature(RunningCurvature):
             return torch.cholesky_solve(v.unsqueeze(1), factor).squeeze(1)
         return torch.linalg.lu_solve(*factor, v.unsqueeze(1)).squeeze(1)
 
+    @property
+    def damping(self) -> float | None:
+        return None if self._factor is None else self._factor[0]
+
     def refresh(self, damping: float) -> None:
         """Factorise :math:`C + \\lambda I`: Cholesky (PSD matrices) or LU (the Hessian)."""
         check_positive("damping", damping)
@@ -215,9 +219,9 @@ class ExactCurvature(RunningCurvature):
         if kind != "exact":
             raise ValueError(f"the {cls.what} has no Fisher kind; got kind={kind!r}.")
         product = cls._product_of(model, loss_fn, X, y)  # checks the batch now
-        theta = curvature.flat_forward(model)[1]
         dense = lambda: cls._matrix_of(model, loss_fn, X, y)  # noqa: E731
-        return cls(ParamLayout.of(model), lambda: product, dense, theta, X.shape[0], {})
+        like = next(model.parameters()).detach()
+        return cls(ParamLayout.of(model), lambda: product, dense, like, X.shape[0], {})
 
     @classmethod
     def watch(cls, model: nn.Module, loss_fn: nn.Module, **options: Any) -> Watcher:
@@ -263,7 +267,6 @@ class Fisher(ExactCurvature):
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
     ) -> Fisher:
-        check_choice("Fisher kind", kind, FisherKind)
         b = curvature.fisher_cotangents(model, loss_fn, X, y, kind, mc_samples, generator)
         return cls.of_cotangents(model, loss_fn, X, b, kind)
 
@@ -313,19 +316,17 @@ class FisherWatcher(Watcher):
         self.layout = ParamLayout.of(model)
         self.model, self.loss_fn, self.likelihood = model, loss_fn, likelihood(loss_fn)
         self.kind, self.mc_samples, self.generator = kind, mc_samples, generator
-        self._active = False
-        self._inputs: Tensor | None = None
+        self._recording: Tensor | None = None  # inputs of the pass being recorded
+        self._inputs: Tensor | None = None  # inputs of the last completed pass
         self._output_grad: list[Tensor] = []
 
     def start(self, inputs: tuple) -> None:
-        self._active, self._inputs, self._output_grad = True, None, []
-        self._candidate = inputs[0].detach()
+        self._recording, self._inputs, self._output_grad = inputs[0].detach(), None, []
 
     def finish(self, output: Tensor) -> None:
-        if not self._active:
+        if self._recording is None:
             return
-        self._active = False
-        self._inputs = self._candidate
+        self._inputs, self._recording = self._recording, None
         if self.kind == "empirical":
             output.register_hook(lambda g: self._output_grad.append(g.detach()))
 
@@ -353,4 +354,4 @@ class FisherWatcher(Watcher):
         return Fisher.of_cotangents(self.model, self.loss_fn, X, cotangents, "empirical")
 
     def remove(self) -> None:
-        self._active = False
+        self._recording = None

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor, nn
 
 from natlib import hooks
-from natlib.checks import check_finite
 from natlib.layout import LinearLayer
 from natlib.losses import FisherKind, Likelihood
 
@@ -99,7 +98,7 @@ class Recorder:
         }
 
 
-def fisher_cotangents(
+def raw_cotangents(
     lik: Likelihood,
     raw: Tensor,
     kind: FisherKind,
@@ -107,10 +106,8 @@ def fisher_cotangents(
     mc_samples: int,
     generator: torch.Generator | None,
 ) -> Tensor:
-    """Fisher output cotangents shaped ``(K, *raw.shape)`` (see
-    :meth:`natlib.losses.Likelihood.fisher_cotangents`)."""
-    output = lik.output_matrix(raw).detach()
-    check_finite(output, "the model output")
-    target = None if y is None else lik.target_matrix(raw, y)
+    """Fisher output cotangents shaped like the model's ``raw`` output, ``(K, *raw.shape)``,
+    ready to back-propagate (see :meth:`natlib.losses.Likelihood.fisher_cotangents`)."""
+    output, target = lik.prepare(raw, y)
     b = lik.fisher_cotangents(output, kind, target, mc_samples, generator)
     return b.reshape(b.shape[0], *raw.shape)

@@ -131,6 +131,12 @@ class RunningCurvature(Curvature):
     def refresh(self, damping: float) -> None:
         """Redo the expensive work (decompositions, damped inverses) for ``damping``."""
 
+    @property
+    @abstractmethod
+    def damping(self) -> float | None:
+        """The damping of the last :meth:`refresh` (``None`` before the first): ``solve`` with
+        it uses the cached inverse, however stale."""
+
     @classmethod
     @abstractmethod
     def watch(

@@ -33,7 +33,7 @@ from natlib.checks import (
     check_positive_int,
     check_unit_interval,
 )
-from natlib.factors import Recorder, fisher_cotangents, gradient_factor
+from natlib.factors import Recorder, gradient_factor, raw_cotangents
 from natlib.interface import Flops, RunningCurvature, Watcher
 from natlib.layout import LinearLayer, ParamLayout
 from natlib.linalg import (
@@ -133,8 +133,7 @@ class KFACApproximation(RunningCurvature):
         Raises:
             ValueError: for unsupported layers, losses or ``kind``, missing labels, or NaN/Inf.
         """
-        check_choice("Fisher kind", kind, FisherKind)
-        lik = likelihood(loss_fn)
+        lik = likelihood(loss_fn)  # the kind is checked with the cotangents
         layout = ParamLayout.of(model, linear_only=True)
         recorder = Recorder(layout.blocks)  # type: ignore[arg-type]
         try:
@@ -142,7 +141,7 @@ class KFACApproximation(RunningCurvature):
                 recorder.start()
                 raw = model(X)
                 recorder.stop()
-                cotangents = fisher_cotangents(lik, raw, kind, y, mc_samples, generator)
+                cotangents = raw_cotangents(lik, raw, kind, y, mc_samples, generator)
                 G = recorder.gradient_factors(raw, cotangents)
                 A = recorder.input_factors()
         finally:
@@ -201,6 +200,10 @@ class KFACApproximation(RunningCurvature):
         check_positive("damping", damping)
         if not self._inverse or self._damping != damping:
             self.refresh(damping)
+
+    @property
+    def damping(self) -> float | None:
+        return self._damping
 
     # ------------------------------------------------------------------ running estimate
 
@@ -351,7 +354,7 @@ class KFACWatcher(Watcher):
                 recorder.outputs[layer.name].register_hook(_keep_gradient(layer, r, pending))
             pending["K"] = 1
         else:
-            cotangents = fisher_cotangents(
+            cotangents = raw_cotangents(
                 self.likelihood, output, self.kind, None, self.mc_samples, self.generator
             )
             pending["G"] = recorder.gradient_factors(output, cotangents, retain_graph=True)

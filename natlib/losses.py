@@ -26,9 +26,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from natlib.checks import check_choice, check_finite, check_positive_int
+
 Reduction = Literal["mean", "sum"]
 FisherKind = Literal["exact", "mc", "empirical"]
-FISHER_KINDS = ("exact", "mc", "empirical")
 SUPPORTED = "CrossEntropyLoss, MSELoss, BCEWithLogitsLoss (reduction 'mean' or 'sum')"
 
 
@@ -51,6 +52,17 @@ class Likelihood(ABC):
         if output.ndim == 0:
             raise ValueError("the model output needs a batch dimension, got a scalar.")
         return output.reshape(output.shape[0], -1)
+
+    def prepare(self, raw: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The detached ``(N, C)`` output matrix of the model's ``raw`` output, checked to be
+        finite, and ``target`` checked and reshaped to match (``None`` stays ``None``).
+
+        Raises:
+            ValueError: if the output holds NaN or Inf or the target does not fit the loss.
+        """
+        output = self.output_matrix(raw.detach())
+        check_finite(output, "the model output")
+        return output, None if target is None else self.target_matrix(raw, target)
 
     @abstractmethod
     def target_matrix(self, output: Tensor, target: Tensor) -> Tensor:
@@ -91,19 +103,17 @@ class Likelihood(ABC):
         :math:`\tilde y_{kn} \sim p(y \mid f_n)`; ``"empirical"``:
         :math:`\sqrt r\, \nabla_f \ell(f_n, y_n)` at the data labels (Kunstner et al., 2019).
         """
+        check_choice("Fisher kind", kind, FisherKind)
         r = self.scale(output)
         if kind == "exact":
             return math.sqrt(r) * self.hessian_factor(output).permute(2, 0, 1)
         if kind == "mc":
-            if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-                raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+            check_positive_int("mc_samples", mc_samples)
             samples = self.sample(output, mc_samples, generator)
             return math.sqrt(r / mc_samples) * self.gradient(output, samples)
-        if kind == "empirical":
-            if target is None:
-                raise ValueError("the empirical Fisher uses the data labels: pass y.")
-            return math.sqrt(r) * self.gradient(output, target).unsqueeze(0)
-        raise ValueError(f"Fisher kind {kind!r} is not supported; use one of {FISHER_KINDS}.")
+        if target is None:
+            raise ValueError("the empirical Fisher uses the data labels: pass y.")
+        return math.sqrt(r) * self.gradient(output, target).unsqueeze(0)
 
 
 @dataclass(frozen=True)

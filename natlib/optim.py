@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from natlib import hooks
 from natlib.checks import (
-    check_choice,
     check_finite,
     check_non_negative,
     check_positive,
@@ -112,8 +111,6 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         check_unit_interval("ema_decay", ema_decay)
         if kl_clip is not None:
             check_positive("kl_clip", kl_clip)
-        check_choice("Fisher kind", kind, FisherKind)
-        check_positive_int("mc_samples", mc_samples)
         self.layout = ParamLayout.of(model)
         super().__init__(model.parameters(), defaults)
         self.model, self.loss_fn, self.curvature_class = model, loss_fn, curvature
@@ -121,9 +118,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self.kind, self.mc_samples, self.options = kind, mc_samples, options
         self.steps = 0
         self.curvature: RunningCurvature | None = None
-        self._refreshed_damping: float | None = None
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        # The watcher checks kind and mc_samples.
         self.watcher = curvature.watch(
             model, loss_fn, kind=kind, mc_samples=mc_samples, generator=self.generator, **options
         )
@@ -192,8 +189,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 self.curvature.update(batch, self.ema_decay)
         if self.steps % self.T_inv == 0:
             self.curvature.refresh(group["damping"])
-            self._refreshed_damping = group["damping"]
-        delta = self.curvature.solve(g, self._refreshed_damping)
+        delta = self.curvature.solve(g, self.curvature.damping)  # the last refresh's inverse
         lr, mu = group["lr"], group["momentum"]
         nu = 1.0
         if self.kl_clip is not None:
@@ -220,7 +216,6 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             "settings": self.settings(),
             "steps": self.steps,
             "generator": self.generator.get_state(),
-            "damping": self._refreshed_damping,
             "curvature": None if self.curvature is None else self.curvature.state_dict(),
         }
         return state
@@ -249,7 +244,6 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.steps = extra["steps"]
         self.generator.set_state(extra["generator"].clone())
-        self._refreshed_damping = extra["damping"]
         self.curvature = curvature
 
 
