@@ -1,15 +1,21 @@
-"""Re-execute the book's notebooks in place, so their stored outputs match the current natlib.
+"""The book's files as the notebooks find them, and re-executing the notebooks in place.
 
 Run ``python -m natlib notebooks`` (all of ``book/*.ipynb``) or name notebooks to execute.
+Notebooks open recorded runs through :func:`record_path`, so they run from any working
+directory: the repository root, ``book/``, or wherever a front end starts the kernel.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
+DATA = BOOK / "data"  # recorded runs, JSON written by ``python -m natlib bench ...``
+
+_RECORD_NAME = re.compile(r"(?P<kind>kfac_benchmark_|scaling-)(?P<device>cpu|cuda)\.json")
 
 
 def book_notebooks() -> list[Path]:
@@ -17,12 +23,49 @@ def book_notebooks() -> list[Path]:
     return sorted(BOOK.glob("*.ipynb"))
 
 
+def record_command(name: str) -> str:
+    """The command that writes the recorded run ``book/data/<name>``, run from the repository root.
+
+    Known records are ``kfac_benchmark_<device>.json`` and ``scaling-<device>.json`` with
+    ``<device>`` ``cpu`` or ``cuda``.
+    """
+    match = _RECORD_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(
+            f"{name!r} is not a recorded run; known names are kfac_benchmark_<device>.json and "
+            "scaling-<device>.json with <device> cpu or cuda."
+        )
+    out = f"book/data/{name}"
+    if match["kind"] == "scaling-":
+        return f"python -m natlib bench scaling --device {match['device']} --out {out}"
+    return f"NATLIB_DEVICE={match['device']} python -m natlib bench kfac --json {out}"
+
+
+def record_path(name: str) -> Path:
+    """The absolute path of the recorded run ``book/data/<name>``, whatever the working directory.
+
+    Raises:
+        FileNotFoundError: the record is missing; the message names the file and the command
+            that writes it.
+    """
+    path = DATA / name
+    if not path.is_file():
+        try:
+            how = f"write it with `{record_command(name)}` from the repository root"
+        except ValueError:
+            how = "no natlib command writes a record of that name"
+        raise FileNotFoundError(
+            f"{path} does not exist: the recorded run {name} is missing; {how}."
+        )
+    return path
+
+
 def execute(paths: Sequence[Path], timeout: int = 600) -> None:
     """Execute each notebook top to bottom in a fresh kernel and write it back with outputs.
 
-    The kernel starts in the notebook's folder (as nbval starts it), so relative paths such as
-    ``data/...`` mean the same under both. Prints a line when each notebook starts and ends
-    (the kernel's own start-up warnings can come in between).
+    The kernel starts in the notebook's folder (as nbval and JupyterLab start it); the notebooks
+    do not depend on that, as they open files through :func:`record_path`. Prints a line when
+    each notebook starts and ends (the kernel's own start-up warnings can come in between).
     """
     import nbformat
     from nbclient import NotebookClient

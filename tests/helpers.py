@@ -11,3 +11,41 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTO
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     error = (actual - expected).norm() / expected.norm().clamp_min(1e-300)
     assert error <= rtol, f"relative error {error:.3e} > {rtol:.0e}"
+
+
+def stdout(outputs: list[dict]) -> str:
+    """The text a notebook cell printed to stdout (its stream outputs, joined)."""
+    return "".join(
+        "".join(o["text"])
+        for o in outputs
+        if o["output_type"] == "stream" and o["name"] == "stdout"
+    )
+
+
+def nbval_sanitize(text: str) -> str:
+    """Apply the book's nbval sanitizer (timings, addresses, progress bars) as nbval does."""
+    import configparser
+    import re
+    from pathlib import Path
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parent.parent / "book" / "nbval_sanitize.cfg")
+    for section in config.sections():
+        text = re.sub(config[section]["regex"], config[section]["replace"], text)
+    return text
+
+
+def checkout_env() -> dict[str, str]:
+    """``os.environ`` with this checkout first on ``PYTHONPATH``, for kernels the tests start.
+
+    A kernel started outside the repository imports the installed ``natlib``; after
+    ``pip install -r requirements.txt`` that is this checkout, but on a machine where another
+    checkout was installed editable it is that one. This makes the tests test this checkout.
+    """
+    import os
+    from pathlib import Path
+
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env

@@ -112,3 +112,39 @@ def test_execute_rejects_a_non_notebook(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"not a notebook file \(\.ipynb\)"):
         execute([tmp_path / "missing.ipynb"])
+
+
+def test_record_path_is_absolute_and_finds_the_records():
+    from natlib.notebooks import DATA, record_path
+
+    for name in ("kfac_benchmark_cpu.json", "scaling-cpu.json"):
+        path = record_path(name)
+        assert path.is_absolute() and path == DATA / name and path.is_file()
+
+
+def test_a_missing_record_names_the_file_and_the_command_that_writes_it(monkeypatch, tmp_path):
+    from natlib import notebooks
+
+    monkeypatch.setattr(notebooks, "DATA", tmp_path)
+    with pytest.raises(FileNotFoundError) as missing:
+        notebooks.record_path("scaling-cuda.json")
+    message = str(missing.value)
+    assert str(tmp_path / "scaling-cuda.json") in message
+    assert (
+        "python -m natlib bench scaling --device cuda --out book/data/scaling-cuda.json" in message
+    )
+    with pytest.raises(FileNotFoundError, match="no natlib command writes"):
+        notebooks.record_path("unknown.json")
+
+
+def test_record_command_for_each_kind_of_record():
+    from natlib.notebooks import record_command
+
+    assert record_command("kfac_benchmark_cuda.json") == (
+        "NATLIB_DEVICE=cuda python -m natlib bench kfac --json book/data/kfac_benchmark_cuda.json"
+    )
+    assert record_command("scaling-cpu.json") == (
+        "python -m natlib bench scaling --device cpu --out book/data/scaling-cpu.json"
+    )
+    with pytest.raises(ValueError, match="not a recorded run"):
+        record_command("../scaling-cpu.json")
