@@ -164,27 +164,38 @@ class CGResult:
 
 
 def conjugate_gradient(
-    matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float = 1e-10, max_iter: int | None = None
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    tol: float = 1e-10,
+    max_iter: int | None = None,
+    x0: Tensor | None = None,
 ) -> CGResult:
     r"""Solve :math:`Ax = b` for symmetric positive definite :math:`A` given as ``matvec``.
 
-    Conjugate gradients (Nocedal & Wright, 2006, Alg. 5.2), started at :math:`x = 0`, stopping
+    Conjugate gradients (Nocedal & Wright, 2006, Alg. 5.2), started at :math:`x = 0` or at
+    ``x0`` (a warm start, as Hessian-free optimisation uses; Martens, 2010, §4.5), stopping
     when :math:`\lVert b - Ax \rVert \le \mathrm{tol} \lVert b \rVert` or after ``max_iter``
     iterations (default: the dimension).
 
     Raises:
         ValueError: if a search direction has non-positive curvature (:math:`A` is not
-            positive definite).
+            positive definite), or ``x0`` does not have the shape of ``b``.
     """
     check_positive("tol", tol)
     max_iter = b.numel() if max_iter is None else max_iter
-    x = torch.zeros_like(b)
-    r = b.clone()
+    if x0 is None:
+        x = torch.zeros_like(b)
+        r = b.clone()
+    elif x0.shape != b.shape:
+        raise ValueError(f"x0 must have the shape of b, {tuple(b.shape)}; got {tuple(x0.shape)}.")
+    else:
+        x = x0.clone()
+        r = b - matvec(x)
     d = r.clone()
     rr = r @ r
     b_norm = b.norm()
     if b_norm == 0:
-        return CGResult(x, 0, 0.0, True)
+        return CGResult(torch.zeros_like(b), 0, 0.0, True)
     iterations = 0
     while iterations < max_iter and rr.sqrt() > tol * b_norm:
         ad = matvec(d)

@@ -93,6 +93,19 @@ def test_conjugate_gradient_reports_iterations_and_convergence():
     assert not truncated.converged and truncated.iterations == 2 and truncated.residual > 1e-3
 
 
+def test_conjugate_gradient_warm_start_reaches_the_same_solution():
+    A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    b = torch.ones(5, dtype=torch.float64)
+    solution = 1 / torch.arange(1.0, 6.0, dtype=torch.float64)
+    at_solution = conjugate_gradient(lambda v: A @ v, b, x0=solution)
+    assert at_solution.converged and at_solution.iterations == 0
+    warm = conjugate_gradient(lambda v: A @ v, b, x0=torch.ones(5, dtype=torch.float64))
+    assert warm.converged
+    assert_close(warm.x, solution)
+    with pytest.raises(ValueError, match="x0 must have the shape of b"):
+        conjugate_gradient(lambda v: A @ v, b, x0=torch.ones(4, dtype=torch.float64))
+
+
 def test_conjugate_gradient_rejects_indefinite_matrices():
     A = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="not positive definite"):
