@@ -137,12 +137,29 @@ def test_bad_vectors_and_damping_are_rejected(name: str) -> None:
             C.solve(vector(C.layout.numel), damping)
 
 
-def test_hessian_and_ggn_have_no_kind_and_no_watcher() -> None:
+def test_hessian_and_ggn_have_no_kind() -> None:
     case = mlp_case()
     with pytest.raises(ValueError, match="has no Fisher kind"):
         Hessian.from_batch(case.model, case.loss_fn, case.X, case.y, kind="mc")
-    with pytest.raises(ValueError, match="needs the labels"):
-        GGN.watch(case.model, case.loss_fn, kind="exact", mc_samples=1, generator=None)
+    with pytest.raises(ValueError, match="has no Fisher kind"):
+        GGN.watch(case.model, case.loss_fn, kind="empirical", mc_samples=1, generator=None)
+
+
+@pytest.mark.parametrize("name", ["hessian", "ggn"])
+def test_watcher_reads_the_labels_from_the_loss_call(name: str) -> None:
+    cls = CLASSES[name][0]
+    case = mlp_case("mse")
+    watcher = cls.watch(case.model, case.loss_fn, kind="exact", mc_samples=1, generator=None)
+    watcher.start((case.X,))
+    output = case.model(case.X)
+    watcher.finish(output)
+    case.loss_fn(output, case.y)
+    case.loss_fn(output, case.y + 1.0)  # only the first call after the pass counts
+    estimate = watcher.estimate()
+    assert_close(estimate.to_dense(), build(name, "mse").to_dense())
+    with pytest.raises(RuntimeError, match="no labelled pass was recorded"):
+        watcher.estimate()  # consumed
+    watcher.remove()
 
 
 def test_matrix_free_solve_uses_conjugate_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,3 +171,19 @@ def test_matrix_free_solve_uses_conjugate_gradients(monkeypatch: pytest.MonkeyPa
     x = C.solve(v, 0.1)
     assert C._dense is None  # never formed
     assert_close(C.matvec(x) + 0.1 * x, v, rtol=1e-9)
+
+
+def test_matrix_free_refresh_and_update_keep_the_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond DENSE_LIMIT, refresh only records the damping and an update without averaging
+    takes the batch's product over, so an optimiser never forms the matrix."""
+    import natlib.exact
+
+    monkeypatch.setattr(natlib.exact, "DENSE_LIMIT", 10)
+    C, D = build("ggn", seed=0), build("ggn", seed=1)
+    C.refresh(0.1)
+    C.update(D, decay=0.0)
+    assert C._dense is None and C.memory_bytes == 0 and C.damping == 0.1
+    v = vector(C.layout.numel)
+    x = C.solve(v, C.damping)
+    assert C._dense is None
+    assert_close(D.to_dense() @ x + 0.1 * x, v, rtol=1e-9)
