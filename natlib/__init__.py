@@ -23,6 +23,7 @@ SUBMODULES = (
     "layout",
     "linalg",
     "losses",
+    "newton",
     "notebooks",
     "optim",
     "plotting",

@@ -11,8 +11,9 @@ statistics::
     loss.backward()
     optimizer.step()
 
-:class:`KFAC` and :class:`NGD` are configurations of it; a new method is its curvature class
-plus a few lines here.
+:class:`KFAC`, :class:`NGD`, :class:`Newton`, :class:`SaddleFreeNewton` and
+:class:`GaussNewton` are configurations of it; a new method is its curvature class plus a few
+lines here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -34,12 +35,13 @@ from natlib.checks import (
     check_positive_int,
     check_unit_interval,
 )
-from natlib.exact import Fisher
+from natlib.exact import GGN, ExactCurvature, Fisher, Hessian
 from natlib.interface import RunningCurvature
 from natlib.kfac import KFACApproximation
 from natlib.layout import ParamLayout
 from natlib.linalg import DampingMode
 from natlib.losses import FisherKind
+from natlib.newton import SaddleFreeHessian
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -311,6 +313,59 @@ class NGD(PreconditionedOptimizer):
         super().__init__(
             model, loss_fn, Fisher, lr, damping, kind=kind, mc_samples=mc_samples, seed=seed
         )
+
+
+class BatchCurvatureMethod(PreconditionedOptimizer):
+    r""":math:`\theta \leftarrow \theta - \eta\,(C + \lambda I)^{-1} \nabla_\theta L` with the
+    exact matrix :math:`C` (class :attr:`matrix`) of each batch, formed every step with no
+    averaging: dense and factorised up to :data:`natlib.exact.DENSE_LIMIT` parameters,
+    matrix-free and solved by conjugate gradients beyond. The batch's labels come from the
+    loss module's call (:class:`natlib.exact.LossWatcher`), so the loop must compute the loss
+    as ``loss_fn(model(X), y)`` with the ``loss_fn`` given here.
+
+    Args:
+        lr, damping, momentum, weight_decay: as :class:`PreconditionedOptimizer`.
+    """
+
+    matrix: ClassVar[type[ExactCurvature]]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        lr: float = 1.0,
+        damping: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(model, loss_fn, self.matrix, lr, damping, momentum, weight_decay)
+
+
+class Newton(BatchCurvatureMethod):
+    r"""Damped Newton, :math:`\theta \leftarrow \theta - \eta\,(H + \lambda I)^{-1}
+    \nabla_\theta L` with the batch Hessian :math:`H` (:class:`natlib.exact.Hessian`; Nocedal &
+    Wright, 2006, §3.4). :math:`H + \lambda I` may be indefinite: the dense solve is an LU
+    solve, and conjugate gradients (beyond :data:`natlib.exact.DENSE_LIMIT`) raise
+    ``ValueError`` on negative curvature, asking for more damping."""
+
+    matrix = Hessian
+
+
+class SaddleFreeNewton(BatchCurvatureMethod):
+    r"""Saddle-free Newton (Dauphin et al., 2014), :math:`\theta \leftarrow \theta - \eta\,
+    (|H| + \lambda I)^{-1} \nabla_\theta L` with :math:`|H| = V|\Lambda|V^\top`
+    (:class:`natlib.newton.SaddleFreeHessian`): dense, for small models only."""
+
+    matrix = SaddleFreeHessian
+
+
+class GaussNewton(BatchCurvatureMethod):
+    r"""Damped (generalised) Gauss-Newton, :math:`\theta \leftarrow \theta - \eta\,(G +
+    \lambda I)^{-1} \nabla_\theta L` with the batch GGN :math:`G = \sum_n J_n^\top
+    (\nabla_f^2 L) J_n` (:class:`natlib.exact.GGN`; Schraudolph, 2002; Martens, 2020, §8),
+    which equals the exact Fisher for the supported losses: the same step as :class:`NGD`."""
+
+    matrix = GGN
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,14 @@ from natlib import curvature
 from natlib.exact import GGN, Fisher, Hessian
 from natlib.interface import Curvature, Flops, RunningCurvature
 from natlib.kfac import KFACApproximation
+from natlib.newton import SaddleFreeHessian
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 CLASSES = {
     "hessian": (Hessian, {}),
     "ggn": (GGN, {}),
+    "saddle-free": (SaddleFreeHessian, {}),
     "fisher-exact": (Fisher, {"kind": "exact"}),
     "fisher-mc": (Fisher, {"kind": "mc", "mc_samples": 3}),
     "fisher-empirical": (Fisher, {"kind": "empirical"}),
@@ -145,7 +147,7 @@ def test_hessian_and_ggn_have_no_kind() -> None:
         GGN.watch(case.model, case.loss_fn, kind="empirical", mc_samples=1, generator=None)
 
 
-@pytest.mark.parametrize("name", ["hessian", "ggn"])
+@pytest.mark.parametrize("name", ["hessian", "ggn", "saddle-free"])
 def test_watcher_reads_the_labels_from_the_loss_call(name: str) -> None:
     cls = CLASSES[name][0]
     case = mlp_case("mse")

@@ -1,9 +1,9 @@
 """The package's shape: every submodule imports, and imports flow one way through the layers.
 
 DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel ->
-problems, curvature, factors, interface -> kfac, exact, reference -> reparam, ... -> optim ->
-timing -> bench, scaling -> ``__main__``. No module imports a layer above its own or the
-package root's re-exports.
+problems, curvature, factors, interface -> kfac, exact, reference -> newton, reparam, ... ->
+optim -> timing -> bench, scaling -> ``__main__``. No module imports a layer
+above its own or the package root's re-exports.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ LAYERS = {
     "kfac": 3,
     "exact": 3,
     "reference": 3,
+    "newton": 4,
     "symbolic": 4,
     "reparam": 4,
     "kunstner": 4,
