@@ -16,6 +16,7 @@ SUBMODULES = (
     "curvature",
     "exact",
     "factors",
+    "hessianfree",
     "hooks",
     "interface",
     "kfac",

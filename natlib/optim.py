@@ -13,7 +13,8 @@ statistics::
 
 :class:`KFAC`, :class:`NGD`, :class:`Newton`, :class:`SaddleFreeNewton` and
 :class:`GaussNewton` are configurations of it; a new method is its curvature class plus a few
-lines here.
+lines here. Hessian-free optimisation, which needs the loss at the new point, is
+:class:`natlib.hessianfree.HessianFree`.
 """
 
 from __future__ import annotations
@@ -42,14 +43,6 @@ from natlib.layout import ParamLayout
 from natlib.linalg import DampingMode
 from natlib.losses import FisherKind
 from natlib.newton import SaddleFreeHessian
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    """The hyper-parameters a scheduler may change, checked at construction and every step."""
-    check_non_negative("lr", group["lr"])
-    check_positive("damping", group["damping"])
-    check_unit_interval("momentum", group["momentum"])
-    check_non_negative("weight_decay", group["weight_decay"])
 
 
 class PreconditionedOptimizer(torch.optim.Optimizer):
@@ -107,7 +100,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         **options: Any,
     ) -> None:
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        _check_group(defaults)
+        self._check_group(defaults)
         check_positive_int("T_cov", T_cov)
         check_positive_int("T_inv", T_inv)
         check_unit_interval("ema_decay", ema_decay)
@@ -130,6 +123,15 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             hooks.register(model, self, "_before_forward", pre=True),
             hooks.register(model, self, "_after_forward"),
         ]
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        """The hyper-parameters a scheduler may change, checked at construction and every
+        step."""
+        check_non_negative("lr", group["lr"])
+        check_positive("damping", group["damping"])
+        check_unit_interval("momentum", group["momentum"])
+        check_non_negative("weight_decay", group["weight_decay"])
 
     def remove_hooks(self) -> None:
         """Detach the optimiser from the model's forward pass."""
@@ -155,7 +157,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         }
 
     def _gradient(self, group: dict[str, Any]) -> Tensor:
-        """:math:`g + \\omega\theta`, flat; names the parameter whose gradient is missing or
+        """:math:`g + \\omega\\theta`, flat; names the parameter whose gradient is missing or
         not finite."""
         parts = []
         for name, p in zip(self.layout.names, group["params"]):
@@ -172,17 +174,24 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             )
         return g
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One preconditioned step; ``closure`` (optional) re-evaluates the model and returns
-        the loss."""
+    def _begin_step(
+        self, closure: Callable[[], Tensor] | None
+    ) -> tuple[Tensor | None, dict[str, Any], Tensor]:
+        """Run ``closure`` (if any) with gradients enabled; return its loss, the checked
+        parameter group and the flat gradient :math:`g + \\omega\\theta`."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        _check_group(group)
-        g = self._gradient(group)
+        self._check_group(group)
+        return loss, group, self._gradient(group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One preconditioned step; ``closure`` (optional) re-evaluates the model and returns
+        the loss."""
+        loss, group, g = self._begin_step(closure)
         if self.steps % self.T_cov == 0:
             batch = self.watcher.estimate()
             if self.curvature is None:

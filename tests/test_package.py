@@ -2,7 +2,7 @@
 
 DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel ->
 problems, curvature, factors, interface -> kfac, exact, reference -> newton, reparam, ... ->
-optim -> timing -> bench, scaling -> ``__main__``. No module imports a layer
+optim, hessianfree -> timing -> bench, scaling -> ``__main__``. No module imports a layer
 above its own or the package root's re-exports.
 """
 
@@ -39,6 +39,7 @@ LAYERS = {
     "reparam": 4,
     "kunstner": 4,
     "optim": 5,
+    "hessianfree": 5,
     "timing": 6,
     "bench": 7,
     "scaling": 7,
