@@ -31,7 +31,7 @@ from natlib.checks import (
 )
 from natlib.interface import Flops, RunningCurvature, Watcher
 from natlib.layout import ParamLayout
-from natlib.linalg import CG_TOLERANCE, conjugate_gradient
+from natlib.linalg import CG_TOLERANCE, condition_number, conjugate_gradient
 from natlib.losses import FisherKind, likelihood
 
 DENSE_LIMIT = 4096  # parameters up to which solve forms the dense matrix
@@ -124,8 +124,8 @@ class ExactCurvature(RunningCurvature):
     def refresh(self, damping: float) -> None:
         """Factorise :math:`C + \\lambda I`: Cholesky (PSD matrices) or LU (the Hessian).
 
-        Warns (``RuntimeWarning``) when a float32 Cholesky factor shows an estimated
-        condition number above 1e6.
+        Warns (``RuntimeWarning``) when, in float32, the damped matrix has an estimated
+        condition number (:func:`natlib.linalg.condition_number`) above 1e6.
 
         Raises:
             ValueError: if ``damping`` is not a positive finite number, or the damped matrix
@@ -141,7 +141,8 @@ class ExactCurvature(RunningCurvature):
                     f"the damped {self.what} with damping {damping:g} is not positive definite "
                     "in this precision; raise the damping or use float64."
                 )
-            warn_float32_condition(L, f"damped {self.what}")
+            if C.dtype == torch.float32:
+                warn_float32_condition(condition_number(C, L), f"damped {self.what}")
             self._factor = (damping, L)
         else:
             LU, pivots, info = torch.linalg.lu_factor_ex(C)
