@@ -17,6 +17,13 @@ belong to the loss exactly as ``loss_fn`` defines it, ``reduction`` included. Wi
 The GGN and the Fisher are Gram matrices :math:`M^\top M` of rows :math:`b^\top J_n`, computed
 per example with ``torch.func.vmap`` over ``vjp``; the matrix-free products use ``vjp`` only
 and never form a matrix.
+
+Every function checks its batch before any computation and raises ``TypeError`` when
+``model`` is not a module, ``X`` or ``y`` is not a tensor or the model does not return one
+tensor, and ``ValueError`` for an unsupported loss, a frozen or shared parameter, a
+BatchNorm or Dropout layer in training mode, an empty batch, a dtype or device mismatch
+between model and data, targets that do not fit the loss, or NaN or Inf in the model
+output, the targets or the result.
 """
 
 from __future__ import annotations
