@@ -28,15 +28,16 @@ from natlib.checks import (
     check_finite,
     check_positive,
     check_positive_int,
+    check_tensor,
     check_unit_interval,
+    warn_float32_condition,
 )
 from natlib.interface import Flops, RunningCurvature, Watcher
 from natlib.layout import ParamLayout
-from natlib.linalg import conjugate_gradient
+from natlib.linalg import CG_TOLERANCE, condition_number, conjugate_gradient
 from natlib.losses import FisherKind, likelihood
 
 DENSE_LIMIT = 4096  # parameters up to which solve forms the dense matrix
-CG_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}  # relative residual of solve
 
 
 class ExactCurvature(RunningCurvature):
@@ -134,7 +135,15 @@ class ExactCurvature(RunningCurvature):
 
     def refresh(self, damping: float) -> None:
         """Factorise :math:`C + \\lambda I`: Cholesky (PSD matrices) or LU (the Hessian); a
-        matrix-free object only records the damping for conjugate gradients."""
+        matrix-free object only records the damping for conjugate gradients.
+
+        Warns (``RuntimeWarning``) when, in float32, the damped matrix has an estimated
+        condition number (:func:`natlib.linalg.condition_number`) above 1e6.
+
+        Raises:
+            ValueError: if ``damping`` is not a positive finite number, or the damped matrix
+                is not positive definite (Cholesky) or singular (LU) in this precision.
+        """
         check_positive("damping", damping)
         if self._matrix_free:
             self._factor = (damping, None)
@@ -148,6 +157,8 @@ class ExactCurvature(RunningCurvature):
                     f"the damped {self.what} with damping {damping:g} is not positive definite "
                     "in this precision; raise the damping or use float64."
                 )
+            if C.dtype == torch.float32:
+                warn_float32_condition(condition_number(C, L), f"damped {self.what}")
             self._factor = (damping, L)
         else:
             LU, pivots, info = torch.linalg.lu_factor_ex(C)
@@ -161,20 +172,26 @@ class ExactCurvature(RunningCurvature):
     def update(self, batch: RunningCurvature, decay: float) -> None:
         r""":math:`C \leftarrow \varepsilon C + (1 - \varepsilon) C_\text{batch}` on the dense
         matrices (with :math:`\varepsilon = 0` a matrix-free batch is taken over as it is);
-        the factorisation stays until the next :meth:`refresh`."""
+        the factorisation stays until the next :meth:`refresh`. The new matrix replaces the old
+        one (it is not written in place), so a failure changes nothing.
+
+        Raises:
+            ValueError: if ``batch`` is not of the same class and settings, ``decay`` is
+                outside ``[0, 1)``, or the average is not finite.
+        """
         if type(batch) is not type(self) or batch.settings() != self.settings():
             raise ValueError(f"update needs a {self.what} of the same model and settings.")
         check_unit_interval("ema_decay", decay)
-        self.batch_size = batch.batch_size
         if not decay and batch._matrix_free:
             self._make_product, self._built_product = batch._make_product, batch._built_product
             self._dense, self._make_dense = None, batch._make_dense
+            self.batch_size = batch.batch_size
             return
+        dense = batch.to_dense()
         if decay:
-            self.to_dense().mul_(decay).add_(batch.to_dense(), alpha=1.0 - decay)
-        else:
-            self._dense = batch.to_dense()
-        check_finite(self._dense, f"the running {self.what}")
+            dense = self.to_dense().mul(decay).add_(dense, alpha=1.0 - decay)
+        check_finite(dense, f"the running {self.what}")
+        self._dense = dense
         self._make_product = self._built_product = None
 
     @property
@@ -361,6 +378,7 @@ class FisherWatcher(Watcher):
     def finish(self, output: Tensor) -> None:
         if self._recording is None:
             return
+        check_tensor("the model output", output)
         self._inputs, self._recording = self._recording, None
         if self.kind == "empirical":
             output.register_hook(lambda g: self._output_grad.append(g.detach()))

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from natlib import costmodel
 from natlib.checks import (
+    check_batch,
     check_choice,
     check_finite,
     check_positive,
@@ -131,10 +132,14 @@ class KFACApproximation(RunningCurvature):
             damping_mode: how :meth:`solve` damps, ``"exact"`` or factored ``"pi"``.
 
         Raises:
-            ValueError: for unsupported layers, losses or ``kind``, missing labels, or NaN/Inf.
+            TypeError: if ``X`` or ``y`` is not a tensor or the model does not return one.
+            ValueError: for unsupported layers, losses or ``kind``, missing labels, an empty
+                batch, a dtype or device mismatch, a BatchNorm or Dropout layer in training
+                mode (checked before the forward pass), or NaN/Inf in outputs or factors.
         """
         lik = likelihood(loss_fn)  # the kind is checked with the cotangents
         layout = ParamLayout.of(model, linear_only=True)
+        check_batch(model, X, y)
         recorder = Recorder(layout.blocks)  # type: ignore[arg-type]
         try:
             with torch.enable_grad():
@@ -209,34 +214,50 @@ class KFACApproximation(RunningCurvature):
 
     def update(self, batch: RunningCurvature, decay: float) -> None:
         r""":math:`A \leftarrow \varepsilon A + (1-\varepsilon) A_\text{batch}`, likewise
-        :math:`G`; the cached inverse stays until the next :meth:`refresh`."""
+        :math:`G`; the cached inverse stays until the next :meth:`refresh`. New factors
+        replace the old ones (none is written in place), so a failure changes nothing.
+
+        Raises:
+            ValueError: if ``batch`` is not a K-FAC estimate of the same settings, ``decay``
+                is outside ``[0, 1)``, or an average is not finite (naming the layer).
+        """
         if not isinstance(batch, KFACApproximation) or batch.settings() != self.settings():
             raise ValueError("update needs a K-FAC estimate of the same model and settings.")
         check_unit_interval("ema_decay", decay)
+        factors = {}
         for name, (A, G) in self.factors.items():
             A_new, G_new = batch.factors[name]
             if decay:
-                A.mul_(decay).add_(A_new, alpha=1.0 - decay)
-                G.mul_(decay).add_(G_new, alpha=1.0 - decay)
-            else:
-                self.factors[name] = (A_new, G_new)
-            check_finite(self.factors[name][0], f"the running factor A of layer {name!r}")
-            check_finite(self.factors[name][1], f"the running factor G of layer {name!r}")
+                A_new = A.mul(decay).add_(A_new, alpha=1.0 - decay)
+                G_new = G.mul(decay).add_(G_new, alpha=1.0 - decay)
+            check_finite(A_new, f"the running factor A of layer {name!r}")
+            check_finite(G_new, f"the running factor G of layer {name!r}")
+            factors[name] = (A_new, G_new)
+        self.factors = factors
         self.batch_size, self.num_cotangents = batch.batch_size, batch.num_cotangents
 
     def refresh(self, damping: float) -> None:
         """Eigendecompose every factor (float32 retried in float64) and cache the damped
-        inverses for ``damping``."""
+        inverses for ``damping``; on failure the previous ones stay.
+
+        Raises:
+            ValueError: if ``damping`` is not a positive finite number, or a factor's
+                eigendecomposition fails or its damped inverse is not finite (naming the
+                layer).
+        """
         check_positive("damping", damping)
+        eigens, inverses = {}, {}
         for layer in self.layers:
             A, G = self.factors[layer.name]
             eigen = (
                 eigh(A, f"factor A of layer {layer.name!r}"),
                 eigh(G, f"factor G of layer {layer.name!r}"),
             )
-            self.eigen[layer.name] = eigen
-            self._inverse[layer.name] = damped_inverse(*eigen, damping, self.damping_mode)
-        self._damping = damping
+            inverse = damped_inverse(*eigen, damping, self.damping_mode)
+            for tensor in vars(inverse).values():
+                check_finite(tensor, f"the damped inverse of layer {layer.name!r}")
+            eigens[layer.name], inverses[layer.name] = eigen, inverse
+        self.eigen, self._inverse, self._damping = eigens, inverses, damping
 
     # ------------------------------------------------------------------ costs
 
@@ -345,7 +366,7 @@ class KFACWatcher(Watcher):
         if not recorder.active:
             return
         recorder.stop()
-        f = self.likelihood.output_matrix(output.detach())
+        f = self.likelihood.output_matrix(output).detach()
         pending: dict[str, Any] = {"A": recorder.input_factors(), "G": {}, "N": f.shape[0]}
         if self.kind == "empirical":
             # G from the loss's own backward: its output gradient is r * grad l, so divide by r.

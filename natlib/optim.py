@@ -19,6 +19,7 @@ lines here. Hessian-free optimisation, which needs the loss at the new point, is
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from natlib import hooks
 from natlib.checks import (
     check_finite,
+    check_integer,
     check_non_negative,
     check_positive,
     check_positive_int,
@@ -190,17 +192,30 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One preconditioned step; ``closure`` (optional) re-evaluates the model and returns
-        the loss."""
+        the loss.
+
+        Raises:
+            ValueError: for a hyper-parameter of the parameter group that is out of range or
+                not finite, a gradient with NaN or Inf (naming the parameter), or a fault in
+                the curvature (non-finite factors or direction, a failed decomposition,
+                naming the layer); parameters and optimiser state are then unchanged.
+            RuntimeError: if a gradient is missing or no forward pass was recorded.
+        """
         loss, group, g = self._begin_step(closure)
+        # Work on a copy (update and refresh replace tensors, they never write into them) and
+        # keep it only once the step is sure to succeed, so a failure changes nothing.
+        curvature = copy.copy(self.curvature)
         if self.steps % self.T_cov == 0:
             batch = self.watcher.estimate()
-            if self.curvature is None:
-                self.curvature = batch
+            if curvature is None:
+                curvature = batch
             else:
-                self.curvature.update(batch, self.ema_decay)
+                curvature.update(batch, self.ema_decay)
         if self.steps % self.T_inv == 0:
-            self.curvature.refresh(group["damping"])
-        delta = self.curvature.solve(g, self.curvature.damping)  # the last refresh's inverse
+            curvature.refresh(group["damping"])
+        delta = curvature.solve(g, curvature.damping)  # the last refresh's inverse
+        check_finite(delta, "the preconditioned gradient")
+        self.curvature = curvature
         lr, mu = group["lr"], group["momentum"]
         nu = 1.0
         if self.kl_clip is not None:
@@ -406,8 +421,22 @@ def train(
     seed: int = 0,
 ) -> Trace:
     """Train with mini-batches (reshuffled every epoch; ``None``: full batch) and record the
-    full training loss every ``eval_every`` steps. Stops early when the loss is not finite."""
+    full training loss every ``eval_every`` steps. Stops early when the loss is not finite.
+
+    Raises:
+        ValueError: if ``steps`` is negative, ``batch_size`` (when given) or ``eval_every`` is
+            not a positive integer, or ``X`` and ``y`` hold different numbers of examples.
+    """
+    check_integer("steps", steps, 0)
+    check_positive_int("eval_every", eval_every)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
     n = X.shape[0]
+    if y.shape[:1] != (n,):
+        raise ValueError(
+            f"X of shape {tuple(X.shape)} and y of shape {tuple(y.shape)} hold different "
+            "numbers of examples."
+        )
     batch_size = batch_size or n
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)

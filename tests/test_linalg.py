@@ -10,6 +10,7 @@ from helpers import assert_close
 from natlib.linalg import (
     EigenInverse,
     FactoredInverse,
+    condition_number,
     conjugate_gradient,
     damped_inverse,
     eigh,
@@ -116,3 +117,11 @@ def test_conjugate_gradient_rejects_bad_tolerance() -> None:
     for tol in (0.0, float("nan")):
         with pytest.raises(ValueError, match="tol must be a positive finite number"):
             conjugate_gradient(lambda v: v, torch.ones(2), tol=tol)
+
+
+def test_condition_number_estimates_the_spectral_condition_number():
+    generator = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(30, 30, generator=generator, dtype=torch.float64))
+    C = (Q * torch.logspace(-4, 2, 30, dtype=torch.float64)) @ Q.T
+    estimate = condition_number(C, torch.linalg.cholesky(C))
+    assert 0.5e6 < estimate <= 1e6 * (1 + 1e-9)  # a lower bound, close after 20 iterations
