@@ -10,17 +10,22 @@ import importlib
 from natlib.runtime import device, setup
 
 SUBMODULES = (
+    "adam",
+    "approximations",
     "bench",
     "checks",
     "costmodel",
     "curvature",
+    "ekfac",
     "exact",
     "factors",
+    "gradient",
     "hooks",
     "interface",
     "kfac",
     "kunstner",
     "layout",
+    "lbfgs",
     "linalg",
     "losses",
     "notebooks",
@@ -31,6 +36,7 @@ SUBMODULES = (
     "reparam",
     "runtime",
     "scaling",
+    "shampoo",
     "symbolic",
     "timing",
 )

@@ -11,8 +11,9 @@ statistics::
     loss.backward()
     optimizer.step()
 
-:class:`KFAC` and :class:`NGD` are configurations of it; a new method is its curvature class
-plus a few lines here.
+:class:`KFAC`, :class:`NGD`, :class:`DiagonalNGD`, :class:`BlockDiagonalNGD`, :class:`EKFAC` and
+:class:`Shampoo` are configurations of it; a new method is its curvature class plus a few lines
+here.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from natlib import hooks
+from natlib.approximations import BlockDiagonalFisher, DiagonalFisher
 from natlib.checks import (
     check_finite,
     check_non_negative,
@@ -34,12 +36,14 @@ from natlib.checks import (
     check_positive_int,
     check_unit_interval,
 )
+from natlib.ekfac import EKFACApproximation
 from natlib.exact import Fisher
 from natlib.interface import RunningCurvature
 from natlib.kfac import KFACApproximation
 from natlib.layout import ParamLayout
 from natlib.linalg import DampingMode
 from natlib.losses import FisherKind
+from natlib.shampoo import ShampooPreconditioner
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -311,6 +315,61 @@ class NGD(PreconditionedOptimizer):
         super().__init__(
             model, loss_fn, Fisher, lr, damping, kind=kind, mc_samples=mc_samples, seed=seed
         )
+
+
+class Configuration(PreconditionedOptimizer):
+    """:class:`PreconditionedOptimizer` with its curvature class (``curvature_type``) and
+    default hyper-parameters (``configuration``) fixed; keyword arguments override them."""
+
+    curvature_type: ClassVar[type[RunningCurvature]]
+    configuration: ClassVar[dict[str, Any]]
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, **hyperparameters: Any) -> None:
+        options = self.configuration | hyperparameters
+        super().__init__(model, loss_fn, self.curvature_type, **options)
+
+
+class DiagonalNGD(Configuration):
+    r"""Natural gradient with the Fisher's diagonal, :math:`\Delta = (g + \omega	heta) \oslash
+    (\mathrm{diag}\,F + \lambda)`, from squared per-example (per-cotangent) gradients
+    (:class:`natlib.approximations.DiagonalFisher`). Defaults: ``lr=0.1``, ``damping=1e-3``,
+    ``kind="exact"``, ``T_cov=T_inv=1``, ``ema_decay=0.95``; others as
+    :class:`PreconditionedOptimizer`."""
+
+    curvature_type = DiagonalFisher
+    configuration = dict(lr=0.1, damping=1e-3, ema_decay=0.95)
+
+
+class BlockDiagonalNGD(Configuration):
+    r"""Natural gradient with the Fisher's exact layer-wise diagonal blocks
+    (:class:`natlib.approximations.BlockDiagonalFisher`), solved by Cholesky per layer.
+    Defaults: ``lr=1.0``, ``damping=1e-3``, ``kind="exact"``, ``T_cov=T_inv=1``,
+    ``ema_decay=0``; others as :class:`PreconditionedOptimizer`."""
+
+    curvature_type = BlockDiagonalFisher
+    configuration = dict(lr=1.0, damping=1e-3)
+
+
+class EKFAC(Configuration):
+    r"""EK-FAC (George et al., 2018): K-FAC's eigenbasis every ``T_inv`` steps, its
+    eigenvalues re-fitted to projected per-example gradients every ``T_cov`` steps
+    (:class:`natlib.ekfac.EKFACApproximation`). Defaults as :class:`KFAC`: ``lr=0.01``,
+    ``damping=1e-3``, ``T_inv=10``, ``ema_decay=0.95``, ``kind="exact"``."""
+
+    curvature_type = EKFACApproximation
+    configuration = dict(lr=0.01, damping=1e-3, T_inv=10, ema_decay=0.95)
+
+
+class Shampoo(Configuration):
+    r"""Shampoo (Gupta et al., 2018): :math:`\Delta = (L + arepsilon I)^{-1/4} ar G
+    (R + arepsilon I)^{-1/4}` per layer with :math:`arepsilon` = ``damping``, inverse roots
+    every ``T_inv`` steps (:class:`natlib.shampoo.ShampooPreconditioner`; ``damping_mode``
+    ``"root"`` or ``"exact"``). Defaults: ``lr=0.01``, ``damping=1e-4``, ``T_inv=10``,
+    ``ema_decay=0.99``, ``kind="empirical"`` (the loop's own gradient, the only one it
+    supports)."""
+
+    curvature_type = ShampooPreconditioner
+    configuration = dict(lr=0.01, damping=1e-4, T_inv=10, ema_decay=0.99, kind="empirical")
 
 
 @dataclass(frozen=True)

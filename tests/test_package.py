@@ -1,7 +1,8 @@
 """The package's shape: every submodule imports, and imports flow one way through the layers.
 
 DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel ->
-problems, curvature, factors, interface -> kfac, exact, reference -> reparam, ... -> optim ->
+problems, curvature, factors, interface -> kfac, exact, reference, gradient, lbfgs ->
+approximations, adam, shampoo, ekfac, reparam, ... -> optim ->
 timing -> bench, scaling -> ``__main__``. No module imports a layer above its own or the
 package root's re-exports.
 """
@@ -34,6 +35,12 @@ LAYERS = {
     "kfac": 3,
     "exact": 3,
     "reference": 3,
+    "gradient": 3,
+    "lbfgs": 3,
+    "approximations": 4,
+    "adam": 4,
+    "shampoo": 4,
+    "ekfac": 4,
     "symbolic": 4,
     "reparam": 4,
     "kunstner": 4,
