@@ -159,16 +159,13 @@ class EKFACApproximation(RunningCurvature):
     # ------------------------------------------------------------------ the matrix
 
     def _apply(self, v: Tensor, scale: dict[str, Tensor]) -> Tensor:
-        return torch.cat(
-            [
-                layer.flat(
-                    EigenInverse(*reversed(self.basis[layer.name]), scale[layer.name]).apply(
-                        layer.matrix(v)
-                    )
-                )
-                for layer in self.layers
-            ]
-        )
+        r""":math:`V \mapsto Q_G [(Q_G^\top V Q_A) \odot \text{scale}] Q_A^\top` per layer."""
+        parts = []
+        for layer in self.layers:
+            QA, QG = self.basis[layer.name]
+            in_basis = EigenInverse(QG, QA, scale[layer.name])  # the map of any scale
+            parts.append(layer.flat(in_basis.apply(layer.matrix(v))))
+        return torch.cat(parts)
 
     def matvec(self, v: Tensor) -> Tensor:
         r""":math:`V \mapsto Q_G [(Q_G^\top V Q_A) \odot S] Q_A^\top` layer by layer."""
