@@ -10,18 +10,23 @@ import importlib
 from natlib.runtime import device, setup
 
 SUBMODULES = (
+    "adam",
+    "approximations",
     "bench",
     "checks",
     "costmodel",
     "curvature",
+    "ekfac",
     "exact",
     "factors",
     "hessianfree",
+    "gradient",
     "hooks",
     "interface",
     "kfac",
     "kunstner",
     "layout",
+    "lbfgs",
     "linalg",
     "losses",
     "newton",
@@ -33,6 +38,7 @@ SUBMODULES = (
     "reparam",
     "runtime",
     "scaling",
+    "shampoo",
     "symbolic",
     "timing",
 )

@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("paths", nargs="*", type=Path, help="notebooks (default: book/*.ipynb)")
     run.add_argument("--timeout", type=int, default=600, help="seconds per cell")
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
-    bench.add_argument("name", choices=["curvature", "kfac", "scaling"], help="which benchmark")
+    bench.add_argument(
+        "name", choices=["curvature", "kfac", "scaling", "approximations"], help="which benchmark"
+    )
     bench.add_argument("--json", "--out", type=Path, help="also write the numbers as JSON here")
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], help="where to run it (default: natlib.device())"
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             "curvature": lambda: benchmarks.curvature_benchmark(device=args.device),
             "kfac": lambda: benchmarks.kfac_benchmark(device=args.device),
             "scaling": lambda: scaling.benchmark(args.device),
+            "approximations": lambda: benchmarks.approximations_benchmark(device=args.device),
         }
         result = chosen[args.name]()
         print(result.report())

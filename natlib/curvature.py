@@ -169,17 +169,23 @@ def _rows(batch: _Batch, X: Tensor, cotangents: Tensor) -> Tensor:
     return vmap(per_example)(X, cotangents).flatten(0, 1)
 
 
-def _gram_of_rows(batch: _Batch, cotangents: Tensor) -> Tensor:
-    r""":math:`\sum_{nk} J_n^\top b_{nk} b_{nk}^\top J_n`, in chunks of examples."""
+def _reduce_rows(batch: _Batch, cotangents: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+    r""":math:`\sum_\text{chunks} \mathrm{reduce}(M_\text{chunk})` over chunks of examples of the
+    row matrix :math:`M` (at most ``_ROW_BUDGET`` entries at once)."""
     n, k, _ = cotangents.shape
     p = batch.theta.numel()
     chunk = max(1, _ROW_BUDGET // (k * p))
     out = None
     for lo in range(0, n, chunk):
-        g = gram(_rows(batch, batch.X[lo : lo + chunk], cotangents[lo : lo + chunk]))
+        g = reduce(_rows(batch, batch.X[lo : lo + chunk], cotangents[lo : lo + chunk]))
         out = g if out is None else out.add_(g)
     check_finite(out, "the curvature matrix")
     return out
+
+
+def _gram_of_rows(batch: _Batch, cotangents: Tensor) -> Tensor:
+    r""":math:`\sum_{nk} J_n^\top b_{nk} b_{nk}^\top J_n`, in chunks of examples."""
+    return _reduce_rows(batch, cotangents, gram)
 
 
 def fisher_cotangents(
@@ -202,6 +208,20 @@ def gram_of_cotangents(
     r""":math:`\sum_{nk} J_n^\top b_{nk} b_{nk}^\top J_n`, ``(P, P)``, for output cotangents
     ``(N, K, C)`` (from :func:`fisher_cotangents`, or a training loop's output gradient)."""
     return _gram_of_rows(_batch(model, loss_fn, X, None), cotangents)
+
+
+def reduce_cotangent_rows(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    cotangents: Tensor,
+    reduce: Callable[[Tensor], Tensor],
+) -> Tensor:
+    r""":math:`\sum_\text{chunks} \mathrm{reduce}(M_\text{chunk})` for the per-cotangent
+    gradients :math:`M` (rows :math:`b_{nk}^\top J_n`, ``(N K, P)``) of output cotangents
+    ``(N, K, C)``, formed a chunk of examples at a time; ``reduce`` must add over rows, e.g.
+    the column sums of squares give :math:`\mathrm{diag}\,F` without the ``(P, P)`` matrix."""
+    return _reduce_rows(_batch(model, loss_fn, X, None), cotangents, reduce)
 
 
 def cotangent_product(

@@ -353,7 +353,8 @@ class Fisher(ExactCurvature):
 
 class FisherWatcher(Watcher):
     """Keeps the inputs of a training loop's forward pass (and, for ``kind="empirical"``, the
-    output gradient of its ``loss.backward()``) and forms the dense Fisher at ``step()``."""
+    output gradient of its ``loss.backward()``) and forms the dense Fisher at ``step()`` (or
+    another class with :meth:`Fisher.from_batch` and :meth:`Fisher.of_cotangents`)."""
 
     def __init__(
         self,
@@ -362,9 +363,12 @@ class FisherWatcher(Watcher):
         kind: FisherKind,
         mc_samples: int,
         generator: torch.Generator | None,
+        curvature: type | None = None,
     ) -> None:
         check_choice("Fisher kind", kind, FisherKind)
         check_positive_int("mc_samples", mc_samples)
+        # The class estimated: Fisher, or one with the same from_batch and of_cotangents.
+        self.curvature = Fisher if curvature is None else curvature
         self.layout = ParamLayout.of(model)
         self.model, self.loss_fn, self.likelihood = model, loss_fn, likelihood(loss_fn)
         self.kind, self.mc_samples, self.generator = kind, mc_samples, generator
@@ -383,12 +387,12 @@ class FisherWatcher(Watcher):
         if self.kind == "empirical":
             output.register_hook(lambda g: self._output_grad.append(g.detach()))
 
-    def estimate(self) -> Fisher:
+    def estimate(self) -> RunningCurvature:
         if self._inputs is None:
             raise RuntimeError("no forward pass was recorded; run the model before step().")
         X, self._inputs = self._inputs, None
         if self.kind != "empirical":
-            return Fisher.from_batch(
+            return self.curvature.from_batch(
                 self.model,
                 self.loss_fn,
                 X,
@@ -404,7 +408,7 @@ class FisherWatcher(Watcher):
         gradient = self.likelihood.output_matrix(self._output_grad[0])
         r = self.likelihood.scale(gradient)
         cotangents = (gradient / r**0.5).unsqueeze(1)
-        return Fisher.of_cotangents(self.model, self.loss_fn, X, cotangents, "empirical")
+        return self.curvature.of_cotangents(self.model, self.loss_fn, X, cotangents, "empirical")
 
     def remove(self) -> None:
         self._recording = None

@@ -14,14 +14,19 @@ import torch
 from torch import Tensor, nn
 
 from natlib import hooks
+from natlib.checks import check_finite
 from natlib.layout import LinearLayer
 from natlib.losses import FisherKind, Likelihood
 
 
+def homogeneous(a: Tensor, bias: bool) -> Tensor:
+    r"""The inputs :math:`\bar a_n = (a_n, 1)` with a bias, :math:`a_n` without, ``(N, d_A)``."""
+    return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if bias else a
+
+
 def input_factor(a: Tensor, bias: bool) -> Tensor:
     r""":math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top`, :math:`\bar a = (a, 1)` with a bias."""
-    if bias:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    a = homogeneous(a, bias)
     return (a.T @ a).div_(a.shape[0])
 
 
@@ -77,11 +82,11 @@ class Recorder:
             layer.name: input_factor(self.inputs[layer.name], layer.bias) for layer in self.layers
         }
 
-    def gradient_factors(
+    def output_gradients(
         self, output: Tensor, cotangents: Tensor, retain_graph: bool = False
     ) -> dict[str, Tensor]:
-        r""":math:`G = \sum_{nk} g_{nk} g_{nk}^\top` by one backward pass of the cotangents,
-        shape ``(K, *output.shape)``, to every layer's output (vectorised over k)."""
+        r"""The output gradients :math:`g_{nk}`, ``(K, N, d_out)`` per layer, by one backward
+        pass of the cotangents, shape ``(K, *output.shape)``, vectorised over k."""
         outputs = [self.outputs[layer.name] for layer in self.layers]
         batched = cotangents.shape[0] > 1
         grads = torch.autograd.grad(
@@ -93,9 +98,46 @@ class Recorder:
             materialize_grads=True,
         )
         return {
-            layer.name: gradient_factor(g.reshape(-1, layer.d_out))
+            layer.name: g.reshape(cotangents.shape[0], -1, layer.d_out)
             for layer, g in zip(self.layers, grads)
         }
+
+    def gradient_factors(
+        self, output: Tensor, cotangents: Tensor, retain_graph: bool = False
+    ) -> dict[str, Tensor]:
+        r""":math:`G = \sum_{nk} g_{nk} g_{nk}^\top` from :meth:`output_gradients`."""
+        return factors_of(self.layers, self.output_gradients(output, cotangents, retain_graph))
+
+
+def factors_of(layers: Sequence[LinearLayer], grads: dict[str, Tensor]) -> dict[str, Tensor]:
+    r""":math:`G = \sum_{nk} g_{nk} g_{nk}^\top` of output gradients ``(K, N, d_out)``."""
+    return {
+        layer.name: gradient_factor(grads[layer.name].reshape(-1, layer.d_out)) for layer in layers
+    }
+
+
+def average_pairs(
+    running: dict[str, tuple[Tensor, Tensor]],
+    batch: dict[str, tuple[Tensor, Tensor]],
+    decay: float,
+    what: tuple[str, str],
+) -> dict[str, tuple[Tensor, Tensor]]:
+    r"""Per layer, :math:`X \leftarrow \varepsilon X + (1 - \varepsilon) X_\text{batch}` for both
+    tensors of a pair of factors; ``decay`` 0 takes the batch's. Returns new tensors and never
+    writes into ``running``, so a failure leaves the old average intact.
+
+    Raises:
+        ValueError: if an average has NaN or Inf; ``what`` names the two tensors of a pair.
+    """
+    averaged = {}
+    for name, pair in running.items():
+        new = batch[name]
+        if decay:
+            new = tuple(mine.mul(decay).add_(b, alpha=1.0 - decay) for mine, b in zip(pair, new))
+        for tensor, label in zip(new, what):
+            check_finite(tensor, f"the running {label} of layer {name!r}")
+        averaged[name] = new
+    return averaged
 
 
 def raw_cotangents(

@@ -34,7 +34,13 @@ from natlib.checks import (
     check_positive_int,
     check_unit_interval,
 )
-from natlib.factors import Recorder, gradient_factor, raw_cotangents
+from natlib.factors import (
+    Recorder,
+    average_pairs,
+    factors_of,
+    gradient_factor,
+    raw_cotangents,
+)
 from natlib.interface import Flops, RunningCurvature, Watcher
 from natlib.layout import LinearLayer, ParamLayout
 from natlib.linalg import (
@@ -224,16 +230,7 @@ class KFACApproximation(RunningCurvature):
         if not isinstance(batch, KFACApproximation) or batch.settings() != self.settings():
             raise ValueError("update needs a K-FAC estimate of the same model and settings.")
         check_unit_interval("ema_decay", decay)
-        factors = {}
-        for name, (A, G) in self.factors.items():
-            A_new, G_new = batch.factors[name]
-            if decay:
-                A_new = A.mul(decay).add_(A_new, alpha=1.0 - decay)
-                G_new = G.mul(decay).add_(G_new, alpha=1.0 - decay)
-            check_finite(A_new, f"the running factor A of layer {name!r}")
-            check_finite(G_new, f"the running factor G of layer {name!r}")
-            factors[name] = (A_new, G_new)
-        self.factors = factors
+        self.factors = average_pairs(self.factors, batch.factors, decay, ("factor A", "factor G"))
         self.batch_size, self.num_cotangents = batch.batch_size, batch.num_cotangents
 
     def refresh(self, damping: float) -> None:
@@ -273,21 +270,14 @@ class KFACApproximation(RunningCurvature):
     @property
     def flops(self) -> Flops:
         """From :mod:`natlib.costmodel`."""
-        n, k, mode = self.batch_size, self.num_cotangents, self.damping_mode
-        return Flops(
-            update=sum(
-                costmodel.kronecker_factor_flops(layer.d_a, layer.d_out, n, k)
-                for layer in self.layers
-            ),
-            refresh=sum(
-                costmodel.kronecker_refresh_flops(layer.d_a, layer.d_out, mode)
-                for layer in self.layers
-            ),
-            solve=sum(
-                costmodel.kronecker_solve_flops(layer.d_a, layer.d_out, mode)
-                for layer in self.layers
-            ),
+        n, k = self.batch_size, self.num_cotangents
+        refresh, solve = costmodel.kronecker_layers_flops(
+            [(layer.d_a, layer.d_out) for layer in self.layers], self.damping_mode
         )
+        update = sum(
+            costmodel.kronecker_factor_flops(layer.d_a, layer.d_out, n, k) for layer in self.layers
+        )
+        return Flops(update=update, refresh=refresh, solve=solve)
 
     # ------------------------------------------------------------------ state
 
@@ -367,29 +357,46 @@ class KFACWatcher(Watcher):
             return
         recorder.stop()
         f = self.likelihood.output_matrix(output).detach()
-        pending: dict[str, Any] = {"A": recorder.input_factors(), "G": {}, "N": f.shape[0]}
+        # The layers' inputs "a" and output gradients "g" ((K, N, d_out), times sqrt(scale))
+        # stay for estimates that need per-example statistics (EK-FAC).
+        pending: dict[str, Any] = {
+            "A": recorder.input_factors(),
+            "G": {},
+            "N": f.shape[0],
+            "a": recorder.inputs,
+            "g": {},
+            "scale": 1.0,
+        }
         if self.kind == "empirical":
             # G from the loss's own backward: its output gradient is r * grad l, so divide by r.
             r = self.likelihood.scale(f)
             for layer in self.recorder.layers:
                 recorder.outputs[layer.name].register_hook(_keep_gradient(layer, r, pending))
-            pending["K"] = 1
+            pending["K"], pending["scale"] = 1, r
         else:
             cotangents = raw_cotangents(
                 self.likelihood, output, self.kind, None, self.mc_samples, self.generator
             )
-            pending["G"] = recorder.gradient_factors(output, cotangents, retain_graph=True)
+            grads = recorder.output_gradients(output, cotangents, retain_graph=True)
+            pending["G"], pending["g"] = factors_of(self.layout.blocks, grads), grads
             pending["K"] = cotangents.shape[0]
         recorder.outputs = {}
         self._pending = pending
 
     def estimate(self) -> KFACApproximation:
+        return self._kfac(self._take())
+
+    def _take(self) -> dict[str, Any]:
+        """The recorded statistics, once."""
         pending, self._pending = self._pending, None
         if pending is None:
             raise RuntimeError(
                 "no forward pass was recorded for this factor update; run the model on the "
                 "batch with gradients enabled (and backward the loss) before step()."
             )
+        return pending
+
+    def _kfac(self, pending: dict[str, Any]) -> KFACApproximation:
         factors = {}
         for layer in self.layout.blocks:
             if layer.name not in pending["G"]:
@@ -409,6 +416,7 @@ class KFACWatcher(Watcher):
 def _keep_gradient(layer: LinearLayer, r: float, pending: dict[str, Any]):
     def hook(grad: Tensor) -> None:
         pending["G"][layer.name] = gradient_factor(grad.detach()).div_(r)
+        pending["g"][layer.name] = grad.detach().unsqueeze(0)
 
     return hook
 

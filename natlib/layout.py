@@ -134,8 +134,9 @@ class ParamLayout:
             if linear_only:
                 if type(module) is not nn.Linear:
                     raise ValueError(
-                        f"layer {label!r} ({type(module).__name__}) has parameters, but K-FAC "
-                        "here supports only nn.Linear layers (with or without bias)."
+                        f"layer {label!r} ({type(module).__name__}) has parameters, but the "
+                        "Kronecker-factored methods here (K-FAC, EK-FAC, Shampoo) support only "
+                        "nn.Linear layers (with or without bias)."
                     )
                 blocks.append(
                     LinearLayer(

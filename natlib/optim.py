@@ -11,9 +11,10 @@ statistics::
     loss.backward()
     optimizer.step()
 
-:class:`KFAC`, :class:`NGD`, :class:`Newton`, :class:`SaddleFreeNewton` and
-:class:`GaussNewton` are configurations of it; a new method is its curvature class plus a few
-lines here. Hessian-free optimisation, which needs the loss at the new point, is
+:class:`KFAC`, :class:`NGD`, :class:`DiagonalNGD`, :class:`BlockDiagonalNGD`, :class:`EKFAC`,
+:class:`Shampoo`, :class:`Newton`, :class:`SaddleFreeNewton` and :class:`GaussNewton` are
+configurations of it; a new method is its curvature class plus a few lines here.
+Hessian-free optimisation, which needs the loss at the new point, is
 :class:`natlib.hessianfree.HessianFree`.
 """
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from natlib import hooks
+from natlib.approximations import BlockDiagonalFisher, DiagonalFisher
 from natlib.checks import (
     check_finite,
     check_integer,
@@ -38,6 +40,7 @@ from natlib.checks import (
     check_positive_int,
     check_unit_interval,
 )
+from natlib.ekfac import EKFACApproximation
 from natlib.exact import GGN, ExactCurvature, Fisher, Hessian
 from natlib.interface import RunningCurvature
 from natlib.kfac import KFACApproximation
@@ -45,6 +48,7 @@ from natlib.layout import ParamLayout
 from natlib.linalg import DampingMode
 from natlib.losses import FisherKind
 from natlib.newton import SaddleFreeHessian
+from natlib.shampoo import ShampooPreconditioner
 
 
 class PreconditionedOptimizer(torch.optim.Optimizer):
@@ -390,6 +394,61 @@ class GaussNewton(BatchCurvatureMethod):
     which equals the exact Fisher for the supported losses: the same step as :class:`NGD`."""
 
     matrix = GGN
+
+
+class Configuration(PreconditionedOptimizer):
+    """:class:`PreconditionedOptimizer` with its curvature class (``curvature_type``) and
+    default hyper-parameters (``configuration``) fixed; keyword arguments override them."""
+
+    curvature_type: ClassVar[type[RunningCurvature]]
+    configuration: ClassVar[dict[str, Any]]
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, **hyperparameters: Any) -> None:
+        options = self.configuration | hyperparameters
+        super().__init__(model, loss_fn, self.curvature_type, **options)
+
+
+class DiagonalNGD(Configuration):
+    r"""Natural gradient with the Fisher's diagonal, :math:`\Delta = (g + \omega\theta) \oslash
+    (\mathrm{diag}\,F + \lambda)`, from squared per-example (per-cotangent) gradients
+    (:class:`natlib.approximations.DiagonalFisher`). Defaults: ``lr=0.1``, ``damping=1e-3``,
+    ``kind="exact"``, ``T_cov=T_inv=1``, ``ema_decay=0.95``; others as
+    :class:`PreconditionedOptimizer`."""
+
+    curvature_type = DiagonalFisher
+    configuration = dict(lr=0.1, damping=1e-3, ema_decay=0.95)
+
+
+class BlockDiagonalNGD(Configuration):
+    r"""Natural gradient with the Fisher's exact layer-wise diagonal blocks
+    (:class:`natlib.approximations.BlockDiagonalFisher`), solved by Cholesky per layer.
+    Defaults: ``lr=1.0``, ``damping=1e-3``, ``kind="exact"``, ``T_cov=T_inv=1``,
+    ``ema_decay=0``; others as :class:`PreconditionedOptimizer`."""
+
+    curvature_type = BlockDiagonalFisher
+    configuration = dict(lr=1.0, damping=1e-3)
+
+
+class EKFAC(Configuration):
+    r"""EK-FAC (George et al., 2018): K-FAC's eigenbasis every ``T_inv`` steps, its
+    eigenvalues re-fitted to projected per-example gradients every ``T_cov`` steps
+    (:class:`natlib.ekfac.EKFACApproximation`). Defaults as :class:`KFAC`: ``lr=0.01``,
+    ``damping=1e-3``, ``T_inv=10``, ``ema_decay=0.95``, ``kind="exact"``."""
+
+    curvature_type = EKFACApproximation
+    configuration = dict(lr=0.01, damping=1e-3, T_inv=10, ema_decay=0.95)
+
+
+class Shampoo(Configuration):
+    r"""Shampoo (Gupta et al., 2018): :math:`\Delta = (L + \varepsilon I)^{-1/4} \bar G
+    (R + \varepsilon I)^{-1/4}` per layer with :math:`\varepsilon` = ``damping``, inverse roots
+    every ``T_inv`` steps (:class:`natlib.shampoo.ShampooPreconditioner`; ``damping_mode``
+    ``"root"`` or ``"exact"``). Defaults: ``lr=0.01``, ``damping=1e-4``, ``T_inv=10``,
+    ``ema_decay=0.99``, ``kind="empirical"`` (the loop's own gradient, the only one it
+    supports)."""
+
+    curvature_type = ShampooPreconditioner
+    configuration = dict(lr=0.01, damping=1e-4, T_inv=10, ema_decay=0.99, kind="empirical")
 
 
 @dataclass(frozen=True)

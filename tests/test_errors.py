@@ -343,7 +343,7 @@ def test_kfac_names_a_layer_it_does_not_support():
     model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
     raises_unchanged(
         ValueError,
-        r"'1' \(LayerNorm\) has parameters, but K-FAC here supports only nn.Linear",
+        r"'1' \(LayerNorm\) has parameters, but the Kronecker-factored methods here \(K-FAC, ",
         lambda: KFAC(model, nn.MSELoss()),
         model,
     )

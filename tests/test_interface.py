@@ -14,10 +14,15 @@ from cases import LOSSES, mlp_case, vector
 from helpers import assert_close
 
 from natlib import curvature
+from natlib.adam import AdamPreconditioner
+from natlib.approximations import BlockDiagonalFisher, DiagonalFisher
+from natlib.ekfac import EKFACApproximation, scalings
 from natlib.exact import GGN, Fisher, Hessian
 from natlib.interface import Curvature, Flops, RunningCurvature
 from natlib.kfac import KFACApproximation
+from natlib.lbfgs import LBFGSOperator
 from natlib.newton import SaddleFreeHessian
+from natlib.shampoo import ShampooPreconditioner
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -31,6 +36,18 @@ CLASSES = {
     "kfac-exact": (KFACApproximation, {"kind": "exact", "damping_mode": "exact"}),
     "kfac-mc": (KFACApproximation, {"kind": "mc", "damping_mode": "exact"}),
     "kfac-empirical": (KFACApproximation, {"kind": "empirical", "damping_mode": "exact"}),
+    "diagonal-exact": (DiagonalFisher, {"kind": "exact"}),
+    "diagonal-mc": (DiagonalFisher, {"kind": "mc", "mc_samples": 3}),
+    "diagonal-empirical": (DiagonalFisher, {"kind": "empirical"}),
+    "blocks-exact": (BlockDiagonalFisher, {"kind": "exact"}),
+    "blocks-empirical": (BlockDiagonalFisher, {"kind": "empirical"}),
+    "ekfac-exact": (EKFACApproximation, {"kind": "exact"}),
+    "ekfac-mc": (EKFACApproximation, {"kind": "mc"}),
+    "ekfac-empirical": (EKFACApproximation, {"kind": "empirical"}),
+    "adam": (AdamPreconditioner, {"kind": "empirical", "beta2": 0.25}),
+    "adam-uncorrected": (AdamPreconditioner, {"beta2": 0.25, "bias_correction": False}),
+    "shampoo": (ShampooPreconditioner, {"damping_mode": "exact"}),
+    "lbfgs": (LBFGSOperator, {"iterations": 8, "history_size": 5}),
 }
 
 
@@ -87,14 +104,28 @@ def test_running_estimate_averages_and_resumes(name: str) -> None:
     C, D = build(name, seed=0), build(name, seed=1)
     if not isinstance(C, RunningCurvature):
         pytest.skip("not a running estimate")
-    if isinstance(C, KFACApproximation):  # K-FAC averages each factor, not the product
+    if isinstance(C, KFACApproximation | ShampooPreconditioner):  # each factor, not the product
+        mine, theirs = (
+            (C.factors, D.factors) if isinstance(C, KFACApproximation) else (C.moments, D.moments)
+        )
+        expected = {n: [0.25 * a + 0.75 * b for a, b in zip(f, theirs[n])] for n, f in mine.items()}
+        C.update(D, decay=0.25)
+        averaged = C.factors if isinstance(C, KFACApproximation) else C.moments
+        for n, factors in averaged.items():
+            for factor, want in zip(factors, expected[n]):
+                assert_close(factor, want)
+    elif isinstance(C, EKFACApproximation):  # the batch's gradients in C's eigenbasis
         expected = {
-            n: [0.25 * a + 0.75 * b for a, b in zip(f, D.factors[n])] for n, f in C.factors.items()
+            n: 0.25 * S + 0.75 * scalings(C.basis[n], *D.samples[n]) for n, S in C.scalings.items()
         }
         C.update(D, decay=0.25)
-        for n, (A, G) in C.factors.items():
-            assert_close(A, expected[n][0])
-            assert_close(G, expected[n][1])
+        for n, S in C.scalings.items():
+            assert_close(S, expected[n])
+    elif isinstance(C, AdamPreconditioner):  # the squared gradients, as torch.optim.Adam
+        expected = [0.25 * v + 0.75 * g * g for v, g in zip(C.second_moment, D.gradient)]
+        C.update(D, decay=0.25)
+        for v, want in zip(C.second_moment, expected):
+            assert_close(v, want, rtol=1e-15)
     else:
         expected = 0.25 * C.to_dense() + 0.75 * D.to_dense()
         C.update(D, decay=0.25)
@@ -134,6 +165,11 @@ def test_bad_vectors_and_damping_are_rejected(name: str) -> None:
     C = build(name)
     with pytest.raises(ValueError, match="must be a tensor of shape"):
         C.matvec(torch.zeros(3))
+    if isinstance(C, LBFGSOperator):  # damping 0 is the two-loop recursion
+        for damping in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="damping must be a non-negative finite number"):
+                C.solve(vector(C.layout.numel), damping)
+        return
     for damping in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="damping must be a positive finite number"):
             C.solve(vector(C.layout.numel), damping)

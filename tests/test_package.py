@@ -1,9 +1,10 @@
 """The package's shape: every submodule imports, and imports flow one way through the layers.
 
 DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel ->
-problems, curvature, factors, interface -> kfac, exact, reference -> newton, reparam, ... ->
-optim, hessianfree -> timing -> bench, scaling -> ``__main__``. No module imports a layer
-above its own or the package root's re-exports.
+problems, curvature, factors, interface -> kfac, exact, reference, gradient, lbfgs ->
+newton, approximations, adam, shampoo, ekfac, reparam, ... -> optim, hessianfree ->
+timing -> bench, scaling -> ``__main__``. No module imports a layer above its own or the
+package root's re-exports.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ LAYERS = {
     "exact": 3,
     "reference": 3,
     "newton": 4,
+    "gradient": 3,
+    "lbfgs": 3,
+    "approximations": 4,
+    "adam": 4,
+    "shampoo": 4,
+    "ekfac": 4,
     "symbolic": 4,
     "reparam": 4,
     "kunstner": 4,
