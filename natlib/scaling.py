@@ -38,7 +38,9 @@ from natlib.linalg import FactoredInverse, eigh
 from natlib.optim import KFAC
 from natlib.timing import ONCE as ONCE
 
-SCHEMA = "natlib.scaling/1"
+SCHEMA = "natlib.scaling/2"
+# (T_cov, T_inv) of the whole cycles timed directly, the check on the composed step times.
+CYCLE_PERIODS = ((1, 1), (1, 10), (1, 100), (10, 100))
 PIECES = ("factors", "eigh", "cholesky", "precondition")
 PIECE_LABELS = {
     "factors": r"factors $A, G$ (fixed $B$)",
@@ -298,6 +300,21 @@ def cycle_seconds(
     return seconds
 
 
+@dataclass(frozen=True)
+class CycleCheck:
+    """A K-FAC step's seconds at ``(T_cov, T_inv)`` timed over whole cycles
+    (:func:`cycle_seconds`), beside the same step composed from its parts
+    (:meth:`StepTimes.step_seconds`)."""
+
+    T_cov: int
+    T_inv: int
+    seconds: float
+
+    def disagreement(self, times: StepTimes) -> float:
+        """:math:`|t_\\text{composed} / t_\\text{direct} - 1|`."""
+        return abs(times.step_seconds(self.T_cov, self.T_inv) / self.seconds - 1)
+
+
 def step_sweep(
     configs: Sequence[tuple[int, int, int]],
     device: torch.device,
@@ -381,6 +398,7 @@ class ScalingRecord:
     by_width: list[StepTimes]
     by_batch: list[StepTimes]
     by_depth: list[StepTimes]
+    cycles: list[CycleCheck]  # at the widest step of ``by_width``
     schema: str = SCHEMA
 
     def report(self) -> str:
@@ -397,6 +415,12 @@ class ScalingRecord:
             f"(T_inv=1), {s.overhead(1, 10):.2f} (T_inv=10), {s.overhead(10, 100):.2f} "
             "(T_cov=10, T_inv=100)"
             for s in self.by_width + self.by_batch
+        ]
+        widest = self.by_width[-1]
+        lines += [
+            f"  whole cycles at d={widest.width}, T_cov={c.T_cov}, T_inv={c.T_inv}: composed parts "
+            f"off by {c.disagreement(widest):.0%}"
+            for c in self.cycles
         ]
         return "\n".join(lines)
 
@@ -421,6 +445,24 @@ def measure(
         by_width = steps([(d, s.batch, s.depth) for d in s.step_widths])
         by_batch = steps([(s.width, b, s.depth) for b in s.step_batches])
         by_depth = steps([(s.width, s.batch, L) for L in s.depths])
+        widest = by_width[-1]
+        cycles = [
+            CycleCheck(
+                T_cov,
+                T_inv,
+                cycle_seconds(
+                    widest.width,
+                    widest.batch,
+                    widest.depth,
+                    T_cov,
+                    T_inv,
+                    device,
+                    dtype,
+                    s.min_run_time,
+                ),
+            )
+            for T_cov, T_inv in CYCLE_PERIODS
+        ]
     finally:
         torch.set_num_threads(threads)
     clock = "CPU time of one thread" if device.type == "cpu" else "wall clock"
@@ -436,6 +478,7 @@ def measure(
         by_width=by_width,
         by_batch=by_batch,
         by_depth=by_depth,
+        cycles=cycles,
     )
 
 
@@ -461,6 +504,7 @@ def read_record(path: Path) -> ScalingRecord:
             by_width=[StepTimes(**s) for s in data["by_width"]],
             by_batch=[StepTimes(**s) for s in data["by_batch"]],
             by_depth=[StepTimes(**s) for s in data["by_depth"]],
+            cycles=[CycleCheck(**c) for c in data["cycles"]],
         )
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a complete {SCHEMA} record: {error}") from None

@@ -131,6 +131,17 @@ def test_step_times_amortise_their_parts():
     assert s.dominant(1, 1) == "refresh" and s.dominant(1, 100) == "per-example work"
 
 
+def test_cycle_check_compares_composed_with_direct_seconds():
+    s = scaling.StepTimes(64, 32, 2, sgd_s=1.0, kfac_s=1.5, kfac_factors_s=3.5, refresh_s=10.0)
+    assert scaling.CycleCheck(2, 5, seconds=4.5).disagreement(s) == 0
+    assert scaling.CycleCheck(2, 5, seconds=3.0).disagreement(s) == 0.5
+
+
+def test_the_record_times_every_cycle_period(record):
+    assert [(c.T_cov, c.T_inv) for c in record.cycles] == list(scaling.CYCLE_PERIODS)
+    assert all(c.seconds > 0 for c in record.cycles)
+
+
 def test_json_record_round_trips(record, tmp_path):
     path = tmp_path / "scaling-cpu.json"
     scaling.write_record(record, path)
@@ -144,7 +155,7 @@ def test_json_record_round_trips(record, tmp_path):
 def test_read_record_names_what_is_wrong(record, tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"schema": "something else"}))
-    with pytest.raises(ValueError, match="not a natlib.scaling/1 record"):
+    with pytest.raises(ValueError, match=f"not a {scaling.SCHEMA} record"):
         scaling.read_record(path)
     scaling.write_record(record, path)
     data = json.loads(path.read_text())
