@@ -41,6 +41,21 @@ def record_command(name: str) -> str:
     return f"NATLIB_DEVICE={match['device']} python -m natlib bench kfac --json {out}"
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def scientific(value: float, digits: int = 1) -> str:
+    """``value`` as prose writes it, for gluing into a sentence: ``1.1 × 10¹⁵``, ``3 × 10⁻⁴``.
+
+    Raises:
+        ValueError: ``value`` is not finite or not positive.
+    """
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"scientific() writes positive finite numbers, not {value!r}.")
+    mantissa, exponent = f"{value:.{digits}e}".split("e")
+    return f"{mantissa} × 10{str(int(exponent)).translate(_SUPERSCRIPT)}"
+
+
 def record_path(name: str) -> Path:
     """The absolute path of the recorded run ``book/data/<name>``, whatever the working directory.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from natlib.notebooks import BOOK, book_notebooks
+from natlib.notebooks import BOOK, book_notebooks, scientific
 
 NOTEBOOKS = book_notebooks()
 
@@ -148,3 +148,22 @@ def test_record_command_for_each_kind_of_record():
     )
     with pytest.raises(ValueError, match="not a recorded run"):
         record_command("../scaling-cpu.json")
+
+
+@pytest.mark.parametrize(
+    ("value", "digits", "text"),
+    [
+        (1.125e15, 1, "1.1 × 10¹⁵"),
+        (3e-4, 0, "3 × 10⁻⁴"),
+        (7.46e-5, 2, "7.46 × 10⁻⁵"),
+        (1.0, 1, "1.0 × 10⁰"),
+    ],
+)
+def test_scientific_writes_numbers_as_prose_does(value, digits, text):
+    assert scientific(value, digits) == text
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_scientific_rejects_what_it_cannot_write(value):
+    with pytest.raises(ValueError, match="positive finite"):
+        scientific(value)
