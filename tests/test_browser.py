@@ -113,6 +113,70 @@ INSPECT = """() => {
 }"""
 
 
+# reStructuredText or MyST that reached the reader as text: an autodoc directive parsed as
+# Markdown, a role or a glue key that did not resolve.
+RAW_MARKUP = re.compile(r"\.\. py:|:param\b|:math:|\{automodule\}|\{glue:\w+\}|\{numref\}")
+
+READING = """() => {
+  const main = document.querySelector("main");
+  const visible = (e) => e.offsetParent !== null;
+  const scrolls = Array.from(main.querySelectorAll("*")).filter(e =>
+      visible(e) && e.scrollWidth > e.clientWidth + 1 && e.clientWidth > 0 &&
+      ["auto", "scroll"].includes(getComputedStyle(e).overflowX));
+  const describe = (e) => `${e.tagName.toLowerCase()}.${e.className}`.slice(0, 60) +
+      ` (${e.scrollWidth} px in ${e.clientWidth} px): ` + e.textContent.trim().slice(0, 60);
+  const images = Array.from(main.querySelectorAll(".cell_output img, figure img"));
+  const code = Array.from(main.querySelectorAll(".cell_input")).filter(visible)
+      .reduce((total, e) => total + e.getBoundingClientRect().height, 0);
+  return {
+    scrolling: scrolls.map(describe),
+    shrunk: images.filter(i => i.naturalWidth > 0 && i.width < 0.6 * i.naturalWidth)
+                  .map(i => `${i.src.split("/").pop()}: ${i.width} of ${i.naturalWidth} px`),
+    uncaptioned: images.filter(i => !(i.closest("figure") &&
+                                      i.closest("figure").querySelector("figcaption")))
+                       .map(i => i.src.split("/").pop()),
+    codeShare: code / main.getBoundingClientRect().height,
+  };
+}"""
+# Pages that still fail the reading checks below; fixing them is issue 11's work.
+NOT_YET_READABLE = {
+    "01_reparametrization.html",
+    "02_fisher_geometry.html",
+    "03_kfac.html",
+}
+CODE_SHARE_LIMIT = 0.2  # code at most a fifth of a chapter's rendered height
+
+
+def reading_pages() -> list:
+    return [
+        pytest.param(page, marks=pytest.mark.xfail(strict=True, reason="not yet fixed (issue 11)"))
+        if page in NOT_YET_READABLE
+        else page
+        for page in PAGES
+    ]
+
+
+@pytest.mark.parametrize("page", reading_pages())
+def test_page_reads_without_scrolling_shrinking_or_raw_markup(page, server, browser):
+    """Nothing in the main column scrolls sideways, no figure is shrunk below 60 % of its
+    width or lacks a caption, no markup reaches the reader, and code is at most a fifth of a
+    chapter's height."""
+    tab = browser.new_page()
+    tab.goto(f"{server}/{page}", wait_until="load")
+    tab.evaluate(WAIT_FOR_MATHJAX)
+    text = tab.evaluate(INSPECT)["text"]
+    found = tab.evaluate(READING)
+    tab.close()
+    raw = RAW_MARKUP.findall(text)
+    assert not raw, f"{page}: markup shown as text: {raw[:5]}"
+    assert not found["scrolling"], f"{page}: scrolls sideways: {found['scrolling'][:5]}"
+    assert not found["shrunk"], f"{page}: figures shrunk below 60 %: {found['shrunk']}"
+    assert not found["uncaptioned"], f"{page}: figures without caption: {found['uncaptioned']}"
+    if page[:2].isdigit():
+        share = found["codeShare"]
+        assert share <= CODE_SHARE_LIMIT, f"{page}: code is {share:.0%} of the page's height"
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_page_renders(page, server, browser):
     tab = browser.new_page()
