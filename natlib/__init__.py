@@ -20,6 +20,7 @@ SUBMODULES = (
     "interface",
     "kfac",
     "kunstner",
+    "language",
     "layout",
     "linalg",
     "losses",

@@ -1,8 +1,8 @@
 """The package's shape: every submodule imports, and imports flow one way through the layers.
 
 DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel ->
-problems, curvature, factors, interface -> kfac, exact, reference -> reparam, ... -> optim ->
-timing -> bench, scaling -> ``__main__``. No module imports a layer above its own or the
+problems, language, curvature, factors, interface -> kfac, exact, reference -> reparam, ...
+-> optim -> timing -> bench, scaling -> ``__main__``. No module imports a layer above its own or the
 package root's re-exports.
 """
 
@@ -28,6 +28,7 @@ LAYERS = {
     "linalg": 1,
     "costmodel": 1,
     "problems": 2,
+    "language": 2,
     "curvature": 2,
     "factors": 2,
     "interface": 2,
