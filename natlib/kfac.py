@@ -325,8 +325,7 @@ class KFACApproximation(RunningCurvature):
         )
 
     def rows(self, layer: LinearLayer) -> int:
-        """Rows of ``layer``'s input statistics: :math:`NR` for ``"expand"``, N for
-        ``"reduce"``."""
+        """Rows of ``layer``'s input statistics: NR (``"expand"``) or N (``"reduce"``)."""
         if self.approximation == "reduce":
             return self.batch_size
         return self.batch_size * self.positions[layer.name]

@@ -64,16 +64,8 @@ def test_kfac_needs_a_choice_for_layernorm_and_embedding() -> None:
 def test_kfac_trains_the_transformer(kind: str, approximation: str) -> None:
     model, X, y = tiny()
     loss_fn = nn.CrossEntropyLoss()
-    optimizer = KFAC(
-        model,
-        loss_fn,
-        lr=0.1,
-        damping=0.1,
-        kind=kind,
-        T_inv=2,
-        approximation=approximation,
-        unsupported="gradient",
-    )
+    options = dict(lr=0.1, damping=0.1, kind=kind, T_inv=2, approximation=approximation)
+    optimizer = KFAC(model, loss_fn, unsupported="gradient", **options)
     losses = []
     for _ in range(6):
         optimizer.zero_grad()
@@ -85,16 +77,7 @@ def test_kfac_trains_the_transformer(kind: str, approximation: str) -> None:
     curvature = optimizer.curvature
     assert curvature.positions["head"] == 16 and curvature.positions["blocks.0.mlp.0"] == 16
     assert {b.name for b in curvature.fallback} >= {"tokens", "positions", "norm"}
-    other = KFAC(
-        model,
-        loss_fn,
-        lr=0.1,
-        damping=0.1,
-        kind=kind,
-        T_inv=2,
-        approximation=approximation,
-        unsupported="gradient",
-    )
+    other = KFAC(model, loss_fn, unsupported="gradient", **options)
     other.load_state_dict(optimizer.state_dict())
     assert other.curvature.settings() == curvature.settings()
     assert other.curvature.positions == curvature.positions
