@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("paths", nargs="*", type=Path, help="notebooks (default: book/*.ipynb)")
     run.add_argument("--timeout", type=int, default=600, help="seconds per cell")
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
-    bench.add_argument("name", choices=["curvature", "kfac", "scaling"], help="which benchmark")
+    bench.add_argument(
+        "name", choices=["curvature", "kfac", "scaling", "approximations"], help="which benchmark"
+    )
     bench.add_argument(
         "--model",
         choices=["mlp", "cnn", "transformer"],
@@ -44,19 +46,26 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "notebooks":
+        if args.timeout < 1:
+            parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}.")
+        for path in args.paths:
+            if path.suffix != ".ipynb" or not path.is_file():
+                parser.error(f"{path} is not a notebook file (.ipynb).")
         from natlib.notebooks import book_notebooks, execute
 
         execute(args.paths or book_notebooks(), timeout=args.timeout)
     elif args.command == "bench":
-        import torch
+        from natlib import timing
 
-        if args.device == "cuda" and not torch.cuda.is_available():
-            parser.error("--device cuda asks for a GPU, but torch sees no CUDA device.")
+        try:  # NATLIB_DEVICE or --device asking for what this machine lacks
+            timing.resolve_device(args.device)
+        except (ValueError, RuntimeError) as error:
+            parser.error(str(error))
         if args.json is not None and (reason := _unwritable(args.json)):
             parser.error(f"--out: {reason}")
 
         from natlib import bench as benchmarks
-        from natlib import scaling, timing
+        from natlib import scaling
 
         chosen = {
             "curvature": lambda: benchmarks.curvature_benchmark(device=args.device),
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                 else benchmarks.architecture_benchmark(args.model, device=args.device)
             ),
             "scaling": lambda: scaling.benchmark(args.device),
+            "approximations": lambda: benchmarks.approximations_benchmark(device=args.device),
         }
         result = chosen[args.name]()
         print(result.report())

@@ -34,6 +34,7 @@ is therefore
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -67,6 +68,18 @@ def kronecker_solve_flops(d_a: int, d_g: int, mode: DampingMode) -> int:
     ``"pi"`` damping, four (into the eigenbases and back) for ``"exact"``."""
     products = 4 if mode == "exact" else 2
     return products * d_g * d_a * (d_g + d_a)
+
+
+def kronecker_layers_flops(
+    shapes: Iterable[tuple[int, int]], mode: DampingMode
+) -> tuple[float, float]:
+    """Refresh and solve FLOPs (:func:`kronecker_refresh_flops`, :func:`kronecker_solve_flops`)
+    summed over layers whose factors have sizes ``(d_a, d_g)``."""
+    shapes = list(shapes)
+    return (
+        sum(kronecker_refresh_flops(d_a, d_g, mode) for d_a, d_g in shapes),
+        sum(kronecker_solve_flops(d_a, d_g, mode) for d_a, d_g in shapes),
+    )
 
 
 def dense_refresh_flops(p: int) -> float:

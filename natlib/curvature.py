@@ -17,6 +17,13 @@ belong to the loss exactly as ``loss_fn`` defines it, ``reduction`` included. Wi
 The GGN and the Fisher are Gram matrices :math:`M^\top M` of rows :math:`b^\top J_n`, computed
 per example with ``torch.func.vmap`` over ``vjp``; the matrix-free products use ``vjp`` only
 and never form a matrix.
+
+Every function checks its batch before any computation and raises ``TypeError`` when
+``model`` is not a module, ``X`` or ``y`` is not a tensor or the model does not return one
+tensor, and ``ValueError`` for an unsupported loss, a frozen or shared parameter, a
+BatchNorm or Dropout layer in training mode, an empty batch, a dtype or device mismatch
+between model and data, targets that do not fit the loss, or NaN or Inf in the model
+output, the targets or the result.
 """
 
 from __future__ import annotations
@@ -29,9 +36,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 from torch.nn.utils import parameters_to_vector
 
-from natlib.checks import check_finite, check_positive
+from natlib.checks import (
+    check_batch,
+    check_finite,
+    check_positive,
+    check_positive_int,
+    check_tensor,
+)
 from natlib.layout import ParamLayout
-from natlib.linalg import conjugate_gradient, gram
+from natlib.linalg import CG_TOLERANCE, conjugate_gradient, gram
 from natlib.losses import FisherKind, Likelihood, likelihood
 
 Forward = Callable[[Tensor, Tensor], Tensor]
@@ -85,8 +98,19 @@ class _Batch:
 
 
 def _batch(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor | None) -> _Batch:
+    """The checked batch; every public function below raises what it raises.
+
+    Raises:
+        TypeError: if ``model`` is not a module, ``X`` or ``y`` not a tensor, or the model
+            does not return one tensor.
+        ValueError: for an unsupported loss, a model with a frozen or shared parameter or a
+            BatchNorm or Dropout layer in training mode, an empty batch, a dtype or device
+            mismatch between the model and the data, a target that does not fit the loss,
+            or NaN or Inf in the model output or the targets.
+    """
     lik = likelihood(loss_fn)
     forward, theta = flat_forward(model)
+    check_batch(model, X, y)
     if y is not None and y.shape[:1] != X.shape[:1]:
         raise ValueError(
             f"X and y hold different numbers of examples: {X.shape[0]} and "
@@ -94,6 +118,7 @@ def _batch(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor | None) ->
         )
     with torch.no_grad():
         raw = forward(theta, X)
+    check_tensor("the model output", raw)
     if raw.ndim == 0 or raw.shape[0] != X.shape[0]:
         raise ValueError(
             f"the model maps {X.shape[0]} examples to an output of shape {tuple(raw.shape)}; "
@@ -144,17 +169,23 @@ def _rows(batch: _Batch, X: Tensor, cotangents: Tensor) -> Tensor:
     return vmap(per_example)(X, cotangents).flatten(0, 1)
 
 
-def _gram_of_rows(batch: _Batch, cotangents: Tensor) -> Tensor:
-    r""":math:`\sum_{nk} J_n^\top b_{nk} b_{nk}^\top J_n`, in chunks of examples."""
+def _reduce_rows(batch: _Batch, cotangents: Tensor, reduce: Callable[[Tensor], Tensor]) -> Tensor:
+    r""":math:`\sum_\text{chunks} \mathrm{reduce}(M_\text{chunk})` over chunks of examples of the
+    row matrix :math:`M` (at most ``_ROW_BUDGET`` entries at once)."""
     n, k, _ = cotangents.shape
     p = batch.theta.numel()
     chunk = max(1, _ROW_BUDGET // (k * p))
     out = None
     for lo in range(0, n, chunk):
-        g = gram(_rows(batch, batch.X[lo : lo + chunk], cotangents[lo : lo + chunk]))
+        g = reduce(_rows(batch, batch.X[lo : lo + chunk], cotangents[lo : lo + chunk]))
         out = g if out is None else out.add_(g)
     check_finite(out, "the curvature matrix")
     return out
+
+
+def _gram_of_rows(batch: _Batch, cotangents: Tensor) -> Tensor:
+    r""":math:`\sum_{nk} J_n^\top b_{nk} b_{nk}^\top J_n`, in chunks of examples."""
+    return _reduce_rows(batch, cotangents, gram)
 
 
 def fisher_cotangents(
@@ -177,6 +208,20 @@ def gram_of_cotangents(
     r""":math:`\sum_{nk} J_n^\top b_{nk} b_{nk}^\top J_n`, ``(P, P)``, for output cotangents
     ``(N, K, C)`` (from :func:`fisher_cotangents`, or a training loop's output gradient)."""
     return _gram_of_rows(_batch(model, loss_fn, X, None), cotangents)
+
+
+def reduce_cotangent_rows(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    cotangents: Tensor,
+    reduce: Callable[[Tensor], Tensor],
+) -> Tensor:
+    r""":math:`\sum_\text{chunks} \mathrm{reduce}(M_\text{chunk})` for the per-cotangent
+    gradients :math:`M` (rows :math:`b_{nk}^\top J_n`, ``(N K, P)``) of output cotangents
+    ``(N, K, C)``, formed a chunk of examples at a time; ``reduce`` must add over rows, e.g.
+    the column sums of squares give :math:`\mathrm{diag}\,F` without the ``(P, P)`` matrix."""
+    return _reduce_rows(_batch(model, loss_fn, X, None), cotangents, reduce)
 
 
 def cotangent_product(
@@ -332,21 +377,29 @@ def natural_gradient(
     kind: FisherKind = "exact",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-    tol: float = 1e-10,
+    tol: float | None = None,
     max_iter: int | None = None,
 ) -> Tensor:
     r"""The damped natural-gradient direction :math:`(F + \lambda I)^{-1} \nabla_\theta L`,
     matrix-free by conjugate gradients on :func:`fisher_product` (Martens, 2010).
 
     The update is :math:`\theta \leftarrow \theta - \eta d` for the returned :math:`d`.
+    ``tol`` is the relative residual (default by dtype: 1e-10 in float64, 1e-5 in float32);
+    ``max_iter`` defaults to the parameter count.
 
     Raises:
-        ValueError: if ``damping`` is not positive.
+        ValueError: if ``damping`` or ``tol`` is not a positive finite number, ``max_iter``
+            not a positive integer, or the batch is bad (see :func:`fisher`).
         RuntimeError: if conjugate gradients do not reach ``tol`` within ``max_iter``.
     """
     check_positive("damping", damping)
+    if tol is not None:
+        check_positive("tol", tol)
+    if max_iter is not None:
+        check_positive_int("max_iter", max_iter)
     product = fisher_product(model, loss_fn, X, y, kind, mc_samples, generator)
     g = flat_gradient(model, loss_fn, X, y)
+    tol = CG_TOLERANCE.get(g.dtype, 1e-10) if tol is None else tol
     result = conjugate_gradient(lambda v: product(v) + damping * v, g, tol, max_iter)
     if not result.converged:
         raise RuntimeError(

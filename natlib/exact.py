@@ -5,35 +5,39 @@ Each object is matrix-free first: ``matvec`` is a Hessian-, GGN- or Fisher-vecto
 matrix is at hand. ``to_dense`` forms the ``(P, P)`` matrix once and keeps it; afterwards
 products and solves use it (a Cholesky factorisation of :math:`C + \lambda I` per damping, or
 an LU factorisation for the indefinite Hessian). Models with at most :data:`DENSE_LIMIT`
-parameters solve densely from the start.
+parameters solve densely from the start; larger ones stay matrix-free through ``refresh`` and
+an ``update`` without averaging, so an optimiser solves them by conjugate gradients.
 
-:class:`Fisher` is also a running estimate: ``update`` averages dense matrices, and its
-:class:`FisherWatcher` lets :class:`natlib.optim.NGD` train with the usual loop.
+Each is also a running estimate: ``update`` averages dense matrices. :class:`FisherWatcher`
+lets :class:`natlib.optim.NGD` train with the usual loop; the Hessian and the GGN need the
+labels, which :class:`LossWatcher` reads from the loss module's call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from natlib import costmodel, curvature
+from natlib import costmodel, curvature, hooks
 from natlib.checks import (
     check_choice,
     check_finite,
     check_positive,
     check_positive_int,
+    check_tensor,
     check_unit_interval,
+    warn_float32_condition,
 )
 from natlib.interface import Flops, RunningCurvature, Watcher
 from natlib.layout import ParamLayout
-from natlib.linalg import conjugate_gradient
+from natlib.linalg import CG_TOLERANCE, condition_number, conjugate_gradient
 from natlib.losses import FisherKind, likelihood
 
 DENSE_LIMIT = 4096  # parameters up to which solve forms the dense matrix
-CG_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}  # relative residual of solve
 
 
 class ExactCurvature(RunningCurvature):
@@ -71,6 +75,12 @@ class ExactCurvature(RunningCurvature):
         return self._like.device
 
     @property
+    def _matrix_free(self) -> bool:
+        """Solves run conjugate gradients on the product: no dense matrix is at hand and the
+        model has more than :data:`DENSE_LIMIT` parameters."""
+        return self._dense is None and self.layout.numel > DENSE_LIMIT and bool(self._make_product)
+
+    @property
     def _product(self) -> Callable[[Tensor], Tensor] | None:
         if self._built_product is None and self._make_product is not None:
             self._built_product = self._make_product()
@@ -99,7 +109,7 @@ class ExactCurvature(RunningCurvature):
         """
         self.layout.check_vector(v)
         check_positive("damping", damping)
-        if self._dense is None and self.layout.numel > DENSE_LIMIT and self._make_product:
+        if self._matrix_free:
             tol = CG_TOLERANCE.get(v.dtype, 1e-10)
             result = conjugate_gradient(lambda u: self._product(u) + damping * u, v, tol)
             if not result.converged:
@@ -111,7 +121,10 @@ class ExactCurvature(RunningCurvature):
             return result.x
         if self._factor is None or self._factor[0] != damping:
             self.refresh(damping)
-        factor = self._factor[1]
+        return self._apply_factor(self._factor[1], v)
+
+    def _apply_factor(self, factor: Any, v: Tensor) -> Tensor:
+        r""":math:`(C + \lambda I)^{-1} v` from the factorisation of :meth:`refresh`."""
         if self.positive_semidefinite:
             return torch.cholesky_solve(v.unsqueeze(1), factor).squeeze(1)
         return torch.linalg.lu_solve(*factor, v.unsqueeze(1)).squeeze(1)
@@ -121,8 +134,20 @@ class ExactCurvature(RunningCurvature):
         return None if self._factor is None else self._factor[0]
 
     def refresh(self, damping: float) -> None:
-        """Factorise :math:`C + \\lambda I`: Cholesky (PSD matrices) or LU (the Hessian)."""
+        """Factorise :math:`C + \\lambda I`: Cholesky (PSD matrices) or LU (the Hessian); a
+        matrix-free object only records the damping for conjugate gradients.
+
+        Warns (``RuntimeWarning``) when, in float32, the damped matrix has an estimated
+        condition number (:func:`natlib.linalg.condition_number`) above 1e6.
+
+        Raises:
+            ValueError: if ``damping`` is not a positive finite number, or the damped matrix
+                is not positive definite (Cholesky) or singular (LU) in this precision.
+        """
         check_positive("damping", damping)
+        if self._matrix_free:
+            self._factor = (damping, None)
+            return
         C = self.to_dense().clone()
         C.diagonal().add_(damping)
         if self.positive_semidefinite:
@@ -132,6 +157,8 @@ class ExactCurvature(RunningCurvature):
                     f"the damped {self.what} with damping {damping:g} is not positive definite "
                     "in this precision; raise the damping or use float64."
                 )
+            if C.dtype == torch.float32:
+                warn_float32_condition(condition_number(C, L), f"damped {self.what}")
             self._factor = (damping, L)
         else:
             LU, pivots, info = torch.linalg.lu_factor_ex(C)
@@ -144,23 +171,35 @@ class ExactCurvature(RunningCurvature):
 
     def update(self, batch: RunningCurvature, decay: float) -> None:
         r""":math:`C \leftarrow \varepsilon C + (1 - \varepsilon) C_\text{batch}` on the dense
-        matrices; the factorisation stays until the next :meth:`refresh`."""
+        matrices (with :math:`\varepsilon = 0` a matrix-free batch is taken over as it is);
+        the factorisation stays until the next :meth:`refresh`. The new matrix replaces the old
+        one (it is not written in place), so a failure changes nothing.
+
+        Raises:
+            ValueError: if ``batch`` is not of the same class and settings, ``decay`` is
+                outside ``[0, 1)``, or the average is not finite.
+        """
         if type(batch) is not type(self) or batch.settings() != self.settings():
             raise ValueError(f"update needs a {self.what} of the same model and settings.")
         check_unit_interval("ema_decay", decay)
+        if not decay and batch._matrix_free:
+            self._make_product, self._built_product = batch._make_product, batch._built_product
+            self._dense, self._make_dense = None, batch._make_dense
+            self.batch_size = batch.batch_size
+            return
+        dense = batch.to_dense()
         if decay:
-            self.to_dense().mul_(decay).add_(batch.to_dense(), alpha=1.0 - decay)
-        else:
-            self._dense = batch.to_dense()
-        check_finite(self._dense, f"the running {self.what}")
+            dense = self.to_dense().mul(decay).add_(dense, alpha=1.0 - decay)
+        check_finite(dense, f"the running {self.what}")
+        self._dense = dense
         self._make_product = self._built_product = None
-        self.batch_size = batch.batch_size
 
     @property
     def memory_bytes(self) -> int:
         """The dense matrix and its factorisation where formed; nothing for a product."""
         p = self.layout.numel
-        held = (self._dense is not None) + (self._factor is not None)
+        factorised = self._factor is not None and self._factor[1] is not None
+        held = (self._dense is not None) + factorised
         return held * p * p * torch.empty((), dtype=self.dtype).element_size()
 
     @property
@@ -216,20 +255,33 @@ class ExactCurvature(RunningCurvature):
         kind: FisherKind = "exact",
     ) -> ExactCurvature:
         """The matrix of the batch ``(X, y)``; the Hessian and the GGN have no ``kind``."""
-        if kind != "exact":
-            raise ValueError(f"the {cls.what} has no Fisher kind; got kind={kind!r}.")
+        cls._check_no_kind(kind)
         product = cls._product_of(model, loss_fn, X, y)  # checks the batch now
         dense = lambda: cls._matrix_of(model, loss_fn, X, y)  # noqa: E731
         like = next(model.parameters()).detach()
         return cls(ParamLayout.of(model), lambda: product, dense, like, X.shape[0], {})
 
     @classmethod
-    def watch(cls, model: nn.Module, loss_fn: nn.Module, **options: Any) -> Watcher:
-        raise ValueError(
-            f"the {cls.what} needs the labels, which a training loop's forward pass does not "
-            "show; build it with from_batch, or use natlib.exact.Fisher (kind='exact' equals "
-            "the GGN for the supported losses)."
-        )
+    def _check_no_kind(cls, kind: str) -> None:
+        if kind != "exact":
+            raise ValueError(
+                f"the {cls.what} has no Fisher kind; got kind={kind!r}, accepted: 'exact'."
+            )
+
+    @classmethod
+    def watch(
+        cls,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        *,
+        kind: FisherKind = "exact",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> LossWatcher:
+        """A :class:`LossWatcher`: the matrix of the recorded pass's inputs and labels
+        (``mc_samples`` and ``generator`` are unused)."""
+        cls._check_no_kind(kind)
+        return LossWatcher(model, loss_fn, cls)
 
 
 class Hessian(ExactCurvature):
@@ -301,7 +353,8 @@ class Fisher(ExactCurvature):
 
 class FisherWatcher(Watcher):
     """Keeps the inputs of a training loop's forward pass (and, for ``kind="empirical"``, the
-    output gradient of its ``loss.backward()``) and forms the dense Fisher at ``step()``."""
+    output gradient of its ``loss.backward()``) and forms the dense Fisher at ``step()`` (or
+    another class with :meth:`Fisher.from_batch` and :meth:`Fisher.of_cotangents`)."""
 
     def __init__(
         self,
@@ -310,9 +363,12 @@ class FisherWatcher(Watcher):
         kind: FisherKind,
         mc_samples: int,
         generator: torch.Generator | None,
+        curvature: type | None = None,
     ) -> None:
         check_choice("Fisher kind", kind, FisherKind)
         check_positive_int("mc_samples", mc_samples)
+        # The class estimated: Fisher, or one with the same from_batch and of_cotangents.
+        self.curvature = Fisher if curvature is None else curvature
         self.layout = ParamLayout.of(model)
         self.model, self.loss_fn, self.likelihood = model, loss_fn, likelihood(loss_fn)
         self.kind, self.mc_samples, self.generator = kind, mc_samples, generator
@@ -326,16 +382,17 @@ class FisherWatcher(Watcher):
     def finish(self, output: Tensor) -> None:
         if self._recording is None:
             return
+        check_tensor("the model output", output)
         self._inputs, self._recording = self._recording, None
         if self.kind == "empirical":
             output.register_hook(lambda g: self._output_grad.append(g.detach()))
 
-    def estimate(self) -> Fisher:
+    def estimate(self) -> RunningCurvature:
         if self._inputs is None:
             raise RuntimeError("no forward pass was recorded; run the model before step().")
         X, self._inputs = self._inputs, None
         if self.kind != "empirical":
-            return Fisher.from_batch(
+            return self.curvature.from_batch(
                 self.model,
                 self.loss_fn,
                 X,
@@ -351,7 +408,65 @@ class FisherWatcher(Watcher):
         gradient = self.likelihood.output_matrix(self._output_grad[0])
         r = self.likelihood.scale(gradient)
         cotangents = (gradient / r**0.5).unsqueeze(1)
-        return Fisher.of_cotangents(self.model, self.loss_fn, X, cotangents, "empirical")
+        return self.curvature.of_cotangents(self.model, self.loss_fn, X, cotangents, "empirical")
 
     def remove(self) -> None:
         self._recording = None
+
+
+@dataclass(frozen=True)
+class LabelledBatch:
+    """One recorded training pass: the inputs, the targets and the loss value (detached)."""
+
+    X: Tensor
+    y: Tensor
+    loss: Tensor
+
+
+class LossWatcher(Watcher):
+    """Keeps the inputs of a training loop's forward pass and, from a forward hook on the loss
+    module, the targets and value of its next call, ``loss_fn(model(X), y)``; at ``step()``
+    forms that batch's matrix of class ``matrix`` (:meth:`ExactCurvature.from_batch`)."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, matrix: type[ExactCurvature]) -> None:
+        self.model, self.loss_fn, self.matrix = model, loss_fn, matrix
+        self._recording: Tensor | None = None  # inputs of the pass being recorded
+        self._awaiting_loss = False  # the recorded forward pass finished; the loss is next
+        self._batch: LabelledBatch | None = None
+        self._handle = hooks.register(loss_fn, self, "_loss_called")
+
+    def start(self, inputs: tuple) -> None:
+        self._recording, self._awaiting_loss, self._batch = inputs[0].detach(), False, None
+
+    def finish(self, output: Tensor) -> None:
+        self._awaiting_loss = self._recording is not None
+
+    def _loss_called(self, module: nn.Module, args: tuple, loss: Tensor) -> None:
+        if not self._awaiting_loss or len(args) < 2:
+            return
+        self._batch = LabelledBatch(self._recording, args[1].detach(), loss.detach())
+        self._recording, self._awaiting_loss = None, False
+
+    def batch(self) -> LabelledBatch:
+        """The recorded pass (consumed).
+
+        Raises:
+            RuntimeError: if no forward pass with gradients enabled was followed by a call of
+                the watched loss module with the targets, ``loss_fn(output, y)``.
+        """
+        if self._batch is None:
+            raise RuntimeError(
+                f"no labelled pass was recorded for the {self.matrix.what}: call the loss module "
+                "given to the optimiser as loss_fn(model(X), y), with gradients enabled, before "
+                "step()."
+            )
+        batch, self._batch = self._batch, None
+        return batch
+
+    def estimate(self) -> ExactCurvature:
+        batch = self.batch()
+        return self.matrix.from_batch(self.model, self.loss_fn, batch.X, batch.y)
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._recording, self._awaiting_loss = None, False

@@ -45,16 +45,22 @@ import torch
 from torch import Tensor, nn
 
 from natlib import hooks
+from natlib.checks import check_finite
 from natlib.layout import Conv2dLayer, LinearLayer
 from natlib.losses import FisherKind, Likelihood
 
 Approximation = Literal["expand", "reduce"]
 
 
+def homogeneous(a: Tensor, bias: bool) -> Tensor:
+    r"""The inputs :math:`\bar a = (a, 1)` with a bias, :math:`a` without: ``(..., d_A)`` from
+    ``(..., d_in)`` (``(N, d_in)`` rows or ``(N, R, d_in)`` positions)."""
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if bias else a
+
+
 def input_factor(a: Tensor, bias: bool) -> Tensor:
     r""":math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top`, :math:`\bar a = (a, 1)` with a bias."""
-    if bias:
-        a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    a = homogeneous(a, bias)
     return (a.T @ a).div_(a.shape[0])
 
 
@@ -153,16 +159,12 @@ class Recorder:
             for layer in self.layers
         }
 
-    def gradient_factor(self, layer: LinearLayer, g: Tensor, positions: int) -> Tensor:
-        r""":math:`G` of ``layer`` from its output gradient ``g`` over ``positions``
-        (:func:`shared_gradient_factor`)."""
-        return shared_gradient_factor(output_positions(layer, g, positions), self.approximation)
-
-    def gradient_factors(
+    def output_gradients(
         self, output: Tensor, cotangents: Tensor, retain_graph: bool = False
     ) -> dict[str, Tensor]:
-        r""":math:`G` of every layer by one backward pass of the cotangents, shape
-        ``(K, *output.shape)``, to every layer's output (vectorised over k)."""
+        r"""The output gradients :math:`g_{nrk}`, ``(K, N, R, d_out)`` per layer (positions as
+        in :attr:`inputs`), by one backward pass of the cotangents, shape
+        ``(K, *output.shape)``, vectorised over k."""
         outputs = [self.outputs[layer.name] for layer in self.layers]
         batched = cotangents.shape[0] > 1
         grads = torch.autograd.grad(
@@ -175,9 +177,59 @@ class Recorder:
         )
         positions = self.positions()
         return {
-            layer.name: self.gradient_factor(layer, g, positions[layer.name])
+            layer.name: self.gradient_positions(layer, g, cotangents.shape[0], positions)
             for layer, g in zip(self.layers, grads)
         }
+
+    def gradient_positions(
+        self, layer: LinearLayer, g: Tensor, num_cotangents: int, positions: dict[str, int]
+    ) -> Tensor:
+        """``layer``'s output gradient (for ``num_cotangents`` cotangents, stacked first or
+        not) as ``(K, N, R, d_out)`` (:func:`output_positions`)."""
+        rows = output_positions(layer, g, positions[layer.name])
+        return rows.reshape(num_cotangents, -1, *rows.shape[1:])
+
+    def gradient_factors(
+        self, output: Tensor, cotangents: Tensor, retain_graph: bool = False
+    ) -> dict[str, Tensor]:
+        r""":math:`G` of every layer (:func:`shared_gradient_factor`) from
+        :meth:`output_gradients`."""
+        grads = self.output_gradients(output, cotangents, retain_graph)
+        return factors_of(self.layers, grads, self.approximation)
+
+
+def factors_of(
+    layers: Sequence[LinearLayer], grads: dict[str, Tensor], approximation: Approximation
+) -> dict[str, Tensor]:
+    r""":math:`G` (:func:`shared_gradient_factor`) of output gradients ``(K, N, R, d_out)``."""
+    return {
+        layer.name: shared_gradient_factor(grads[layer.name].flatten(0, 1), approximation)
+        for layer in layers
+    }
+
+
+def average_pairs(
+    running: dict[str, tuple[Tensor, Tensor]],
+    batch: dict[str, tuple[Tensor, Tensor]],
+    decay: float,
+    what: tuple[str, str],
+) -> dict[str, tuple[Tensor, Tensor]]:
+    r"""Per layer, :math:`X \leftarrow \varepsilon X + (1 - \varepsilon) X_\text{batch}` for both
+    tensors of a pair of factors; ``decay`` 0 takes the batch's. Returns new tensors and never
+    writes into ``running``, so a failure leaves the old average intact.
+
+    Raises:
+        ValueError: if an average has NaN or Inf; ``what`` names the two tensors of a pair.
+    """
+    averaged = {}
+    for name, pair in running.items():
+        new = batch[name]
+        if decay:
+            new = tuple(mine.mul(decay).add_(b, alpha=1.0 - decay) for mine, b in zip(pair, new))
+        for tensor, label in zip(new, what):
+            check_finite(tensor, f"the running {label} of layer {name!r}")
+        averaged[name] = new
+    return averaged
 
 
 def raw_cotangents(

@@ -125,11 +125,16 @@ class RunningCurvature(Curvature):
     @abstractmethod
     def update(self, batch: RunningCurvature, decay: float) -> None:
         r""":math:`C \leftarrow \varepsilon C + (1 - \varepsilon) C_\text{batch}`,
-        :math:`\varepsilon` = ``decay`` in ``[0, 1)``."""
+        :math:`\varepsilon` = ``decay`` in ``[0, 1)``.
+
+        It replaces attributes rather than writing into their tensors or containers, so a
+        shallow ``copy.copy`` can be updated while the original stays as it was.
+        """
 
     @abstractmethod
     def refresh(self, damping: float) -> None:
-        """Redo the expensive work (decompositions, damped inverses) for ``damping``."""
+        """Redo the expensive work (decompositions, damped inverses) for ``damping``;
+        replaces attributes like :meth:`update`."""
 
     @property
     @abstractmethod

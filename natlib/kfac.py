@@ -34,13 +34,14 @@ from torch import Tensor, nn
 
 from natlib import costmodel
 from natlib.checks import (
+    check_batch,
     check_choice,
     check_finite,
     check_positive,
     check_positive_int,
     check_unit_interval,
 )
-from natlib.factors import Approximation, Recorder, raw_cotangents
+from natlib.factors import Approximation, Recorder, average_pairs, factors_of, raw_cotangents
 from natlib.interface import Flops, RunningCurvature, Watcher
 from natlib.layout import Block, LinearLayer, ParamLayout, Unsupported
 from natlib.linalg import (
@@ -161,11 +162,15 @@ class KFACApproximation(RunningCurvature):
                 modules K-FAC does not support.
 
         Raises:
-            ValueError: for unsupported layers, losses or ``kind``, missing labels, or NaN/Inf.
+            TypeError: if ``X`` or ``y`` is not a tensor or the model does not return one.
+            ValueError: for unsupported layers, losses or ``kind``, missing labels, an empty
+                batch, a dtype or device mismatch, a BatchNorm or Dropout layer in training
+                mode (checked before the forward pass), or NaN/Inf in outputs or factors.
         """
         lik = likelihood(loss_fn)  # the kind is checked with the cotangents
         check_choice("approximation", approximation, Approximation)
         layout = ParamLayout.of(model, kronecker=True, unsupported=unsupported)
+        check_batch(model, X, y)
         recorder = Recorder([b for b in layout.blocks if isinstance(b, LinearLayer)], approximation)
         try:
             with torch.enable_grad():
@@ -265,34 +270,41 @@ class KFACApproximation(RunningCurvature):
 
     def update(self, batch: RunningCurvature, decay: float) -> None:
         r""":math:`A \leftarrow \varepsilon A + (1-\varepsilon) A_\text{batch}`, likewise
-        :math:`G`; the cached inverse stays until the next :meth:`refresh`."""
+        :math:`G`; the cached inverse stays until the next :meth:`refresh`. New factors
+        replace the old ones (none is written in place), so a failure changes nothing.
+
+        Raises:
+            ValueError: if ``batch`` is not a K-FAC estimate of the same settings, ``decay``
+                is outside ``[0, 1)``, or an average is not finite (naming the layer).
+        """
         if not isinstance(batch, KFACApproximation) or batch.settings() != self.settings():
             raise ValueError("update needs a K-FAC estimate of the same model and settings.")
         check_unit_interval("ema_decay", decay)
-        for name, (A, G) in self.factors.items():
-            A_new, G_new = batch.factors[name]
-            if decay:
-                A.mul_(decay).add_(A_new, alpha=1.0 - decay)
-                G.mul_(decay).add_(G_new, alpha=1.0 - decay)
-            else:
-                self.factors[name] = (A_new, G_new)
-            check_finite(self.factors[name][0], f"the running factor A of layer {name!r}")
-            check_finite(self.factors[name][1], f"the running factor G of layer {name!r}")
+        self.factors = average_pairs(self.factors, batch.factors, decay, ("factor A", "factor G"))
         self.batch_size, self.num_cotangents = batch.batch_size, batch.num_cotangents
 
     def refresh(self, damping: float) -> None:
         """Eigendecompose every factor (float32 retried in float64) and cache the damped
-        inverses for ``damping``."""
+        inverses for ``damping``; on failure the previous ones stay.
+
+        Raises:
+            ValueError: if ``damping`` is not a positive finite number, or a factor's
+                eigendecomposition fails or its damped inverse is not finite (naming the
+                layer).
+        """
         check_positive("damping", damping)
+        eigens, inverses = {}, {}
         for layer in self.layers:
             A, G = self.factors[layer.name]
             eigen = (
                 eigh(A, f"factor A of layer {layer.name!r}"),
                 eigh(G, f"factor G of layer {layer.name!r}"),
             )
-            self.eigen[layer.name] = eigen
-            self._inverse[layer.name] = damped_inverse(*eigen, damping, self.damping_mode)
-        self._damping = damping
+            inverse = damped_inverse(*eigen, damping, self.damping_mode)
+            for tensor in vars(inverse).values():
+                check_finite(tensor, f"the damped inverse of layer {layer.name!r}")
+            eigens[layer.name], inverses[layer.name] = eigen, inverse
+        self.eigen, self._inverse, self._damping = eigens, inverses, damping
 
     # ------------------------------------------------------------------ costs
 
@@ -308,21 +320,15 @@ class KFACApproximation(RunningCurvature):
     @property
     def flops(self) -> Flops:
         """From :mod:`natlib.costmodel`."""
-        k, mode = self.num_cotangents, self.damping_mode
-        return Flops(
-            update=sum(
-                costmodel.kronecker_factor_flops(layer.d_a, layer.d_out, self.rows(layer), k)
-                for layer in self.layers
-            ),
-            refresh=sum(
-                costmodel.kronecker_refresh_flops(layer.d_a, layer.d_out, mode)
-                for layer in self.layers
-            ),
-            solve=sum(
-                costmodel.kronecker_solve_flops(layer.d_a, layer.d_out, mode)
-                for layer in self.layers
-            ),
+        k = self.num_cotangents
+        refresh, solve = costmodel.kronecker_layers_flops(
+            [(layer.d_a, layer.d_out) for layer in self.layers], self.damping_mode
         )
+        update = sum(
+            costmodel.kronecker_factor_flops(layer.d_a, layer.d_out, self.rows(layer), k)
+            for layer in self.layers
+        )
+        return Flops(update=update, refresh=refresh, solve=solve)
 
     def rows(self, layer: LinearLayer) -> int:
         """Rows of ``layer``'s input statistics: NR (``"expand"``) or N (``"reduce"``)."""
@@ -418,36 +424,53 @@ class KFACWatcher(Watcher):
         if not recorder.active:
             return
         recorder.stop()
+        f = self.likelihood.output_matrix(output).detach()
+        # The layers' input positions "a" ((N, R, d_in)) and output gradients "g"
+        # ((K, N, R, d_out), times sqrt(scale)) stay for estimates that need per-example
+        # statistics (EK-FAC); "rows" is the number of output rows the loss sees.
         pending: dict[str, Any] = {
             "A": recorder.input_factors(),
             "G": {},
             "N": next(iter(recorder.inputs.values())).shape[0],
             "R": recorder.positions(),
+            "rows": f.shape[0],
+            "a": recorder.inputs,
+            "g": {},
+            "scale": 1.0,
         }
         if self.kind == "empirical":
             # G from the loss's own backward: its output gradient is r * grad l, so divide by r.
-            r = self.likelihood.scale(self.likelihood.output_matrix(output.detach()))
+            r = self.likelihood.scale(f)
             for layer in self.recorder.layers:
                 recorder.outputs[layer.name].register_hook(
                     _keep_gradient(recorder, layer, r, pending)
                 )
-            pending["K"] = 1
+            pending["K"], pending["scale"] = 1, r
         else:
             cotangents = raw_cotangents(
                 self.likelihood, output, self.kind, None, self.mc_samples, self.generator
             )
-            pending["G"] = recorder.gradient_factors(output, cotangents, retain_graph=True)
+            grads = recorder.output_gradients(output, cotangents, retain_graph=True)
+            pending["G"] = factors_of(recorder.layers, grads, recorder.approximation)
+            pending["g"] = grads
             pending["K"] = cotangents.shape[0]
         recorder.outputs = {}
         self._pending = pending
 
     def estimate(self) -> KFACApproximation:
+        return self._kfac(self._take())
+
+    def _take(self) -> dict[str, Any]:
+        """The recorded statistics, once."""
         pending, self._pending = self._pending, None
         if pending is None:
             raise RuntimeError(
                 "no forward pass was recorded for this factor update; run the model on the "
                 "batch with gradients enabled (and backward the loss) before step()."
             )
+        return pending
+
+    def _kfac(self, pending: dict[str, Any]) -> KFACApproximation:
         factors = {}
         for layer in self.recorder.layers:
             if layer.name not in pending["G"]:
@@ -472,10 +495,12 @@ class KFACWatcher(Watcher):
 
 
 def _keep_gradient(recorder: Recorder, layer: LinearLayer, r: float, pending: dict[str, Any]):
-    positions = pending["R"][layer.name]
-
     def hook(grad: Tensor) -> None:
-        pending["G"][layer.name] = recorder.gradient_factor(layer, grad.detach(), positions).div_(r)
+        g = recorder.gradient_positions(layer, grad.detach(), 1, pending["R"])
+        pending["G"][layer.name] = factors_of([layer], {layer.name: g}, recorder.approximation)[
+            layer.name
+        ].div_(r)
+        pending["g"][layer.name] = g
 
     return hook
 

@@ -191,9 +191,10 @@ class ParamLayout:
             block = _kronecker_layer(label, module, start, stop) if kronecker else None
             if isinstance(block, str) and unsupported == "error":
                 raise ValueError(
-                    f"layer {label!r} ({block}) has parameters, but K-FAC supports only "
-                    f"{KRONECKER_LAYERS}; pass unsupported='gradient' to train the parameters "
-                    "of other layers by plain gradient steps."
+                    f"layer {label!r} ({block}) has parameters, but the Kronecker-factored "
+                    f"methods here (K-FAC, EK-FAC, Shampoo) support only {KRONECKER_LAYERS}; "
+                    "pass unsupported='gradient' to train the parameters of other layers by "
+                    "plain gradient steps (K-FAC only)."
                 )
             blocks.append(
                 block if isinstance(block, LinearLayer) else Block(label, module, start, stop)

@@ -26,10 +26,11 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from natlib.checks import check_choice, check_finite, check_positive_int
+from natlib.checks import check_choice, check_finite, check_positive_int, check_tensor
 
 Reduction = Literal["mean", "sum"]
 FisherKind = Literal["exact", "mc", "empirical"]
+_NO_IGNORED_CLASS = nn.CrossEntropyLoss().ignore_index  # -100, never a valid class index
 SUPPORTED = "CrossEntropyLoss, MSELoss, BCEWithLogitsLoss (reduction 'mean' or 'sum')"
 
 
@@ -48,9 +49,20 @@ class Likelihood(ABC):
         return 1.0 / (n if self.per_example_mean else n * c)
 
     def output_matrix(self, output: Tensor) -> Tensor:
-        """The model's output ``(N, ...)`` as the ``(N, C)`` matrix the methods below take."""
+        """The model's output ``(N, ...)`` as the ``(N, C)`` matrix the methods below take.
+
+        Raises:
+            TypeError: if the model returned something other than one tensor.
+            ValueError: for a scalar output or an empty batch.
+        """
+        check_tensor("the model output", output)
         if output.ndim == 0:
             raise ValueError("the model output needs a batch dimension, got a scalar.")
+        if output.shape[0] == 0:
+            raise ValueError(
+                f"the model output of shape {tuple(output.shape)} holds no examples; pass a "
+                "batch of at least one."
+            )
         return output.reshape(output.shape[0], -1)
 
     def prepare(self, raw: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -60,7 +72,7 @@ class Likelihood(ABC):
         Raises:
             ValueError: if the output holds NaN or Inf or the target does not fit the loss.
         """
-        output = self.output_matrix(raw.detach())
+        output = self.output_matrix(raw).detach()
         check_finite(output, "the model output")
         return output, None if target is None else self.target_matrix(raw, target)
 
@@ -132,18 +144,26 @@ class Categorical(Likelihood):
     per_example_mean: ClassVar[bool] = True
 
     def output_matrix(self, output: Tensor) -> Tensor:
-        if output.ndim != 2:
+        if isinstance(output, Tensor) and output.ndim != 2:
             raise ValueError(
                 f"CrossEntropyLoss needs (N, C) logits, got shape {tuple(output.shape)}."
+            )
+        output = super().output_matrix(output)
+        if output.shape[1] < 2:
+            raise ValueError(
+                f"CrossEntropyLoss needs at least 2 classes, got logits of shape "
+                f"{tuple(output.shape)}; use BCEWithLogitsLoss for one logit."
             )
         return output
 
     def target_matrix(self, output: Tensor, target: Tensor) -> Tensor:
         self.output_matrix(output)
-        if target.shape != output.shape[:1] or target.dtype not in (torch.int64, torch.int32):
+        check_tensor("the target y", target)
+        if target.shape != output.shape[:1] or target.dtype != torch.int64:
             raise ValueError(
-                "CrossEntropyLoss needs integer class indices of shape (N,) = "
-                f"{tuple(output.shape[:1])}, got {target.dtype} of shape {tuple(target.shape)}."
+                "CrossEntropyLoss needs integer class indices of dtype int64 (torch.long) and "
+                f"shape (N,) = {tuple(output.shape[:1])}, got {target.dtype} of shape "
+                f"{tuple(target.shape)}."
             )
         if target.numel() and (target.min() < 0 or target.max() >= output.shape[1]):
             raise ValueError(f"class indices must lie in [0, {output.shape[1]}).")
@@ -218,7 +238,13 @@ class Bernoulli(Likelihood):
     """
 
     def target_matrix(self, output: Tensor, target: Tensor) -> Tensor:
-        return _same_shape("BCEWithLogitsLoss", output, target)
+        target = _same_shape("BCEWithLogitsLoss", output, target)
+        if target.numel() and (target.min() < 0 or target.max() > 1):
+            raise ValueError(
+                "BCEWithLogitsLoss needs targets in [0, 1] (probabilities), got values in "
+                f"[{target.min().item():g}, {target.max().item():g}]."
+            )
+        return target
 
     def gradient(self, output: Tensor, target: Tensor) -> Tensor:
         return torch.sigmoid(output) - target
@@ -246,16 +272,23 @@ class Bernoulli(Likelihood):
 
 
 def _same_shape(name: str, output: Tensor, target: Tensor) -> Tensor:
+    check_tensor("the target y", target)
     if target.shape != output.shape or not target.is_floating_point():
         raise ValueError(
             f"{name} needs floating-point targets shaped like the output {tuple(output.shape)}, "
             f"got {target.dtype} of shape {tuple(target.shape)}."
         )
+    check_finite(target, "the target y")
     return target.reshape(target.shape[0], -1)
 
 
 def likelihood(loss_fn: nn.Module) -> Likelihood:
-    """The likelihood behind ``loss_fn``; a clear ``ValueError`` for anything unsupported."""
+    """The likelihood behind ``loss_fn``.
+
+    Raises:
+        ValueError: for a loss, reduction or option (class weights, label smoothing,
+            ``ignore_index``, ``pos_weight``) that is not supported.
+    """
     reduction = getattr(loss_fn, "reduction", None)
     if reduction not in ("mean", "sum"):
         raise ValueError(f"loss {loss_fn!r} is not supported; supported: {SUPPORTED}.")
@@ -264,6 +297,12 @@ def likelihood(loss_fn: nn.Module) -> Likelihood:
             raise ValueError(
                 f"CrossEntropyLoss with class weights or label smoothing is not supported; "
                 f"supported: {SUPPORTED}."
+            )
+        if loss_fn.ignore_index != _NO_IGNORED_CLASS:
+            raise ValueError(
+                f"CrossEntropyLoss(ignore_index={loss_fn.ignore_index}) is not supported: the "
+                "Fisher would keep the rows the loss drops. Remove those examples from the "
+                "batch and use the default ignore_index."
             )
         return Categorical(reduction)
     if type(loss_fn) is nn.MSELoss:

@@ -11,44 +11,45 @@ statistics::
     loss.backward()
     optimizer.step()
 
-:class:`KFAC` and :class:`NGD` are configurations of it; a new method is its curvature class
-plus a few lines here.
+:class:`KFAC`, :class:`NGD`, :class:`DiagonalNGD`, :class:`BlockDiagonalNGD`, :class:`EKFAC`,
+:class:`Shampoo`, :class:`Newton`, :class:`SaddleFreeNewton` and :class:`GaussNewton` are
+configurations of it; a new method is its curvature class plus a few lines here.
+Hessian-free optimisation, which needs the loss at the new point, is
+:class:`natlib.hessianfree.HessianFree`.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from natlib import hooks
+from natlib.approximations import BlockDiagonalFisher, DiagonalFisher
 from natlib.checks import (
     check_finite,
+    check_integer,
     check_non_negative,
     check_positive,
     check_positive_int,
     check_unit_interval,
 )
-from natlib.exact import Fisher
+from natlib.ekfac import EKFACApproximation
+from natlib.exact import GGN, ExactCurvature, Fisher, Hessian
 from natlib.factors import Approximation
 from natlib.interface import RunningCurvature
 from natlib.kfac import KFACApproximation
 from natlib.layout import ParamLayout, Unsupported
 from natlib.linalg import DampingMode
 from natlib.losses import FisherKind
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    """The hyper-parameters a scheduler may change, checked at construction and every step."""
-    check_non_negative("lr", group["lr"])
-    check_positive("damping", group["damping"])
-    check_unit_interval("momentum", group["momentum"])
-    check_non_negative("weight_decay", group["weight_decay"])
+from natlib.newton import SaddleFreeHessian
+from natlib.shampoo import ShampooPreconditioner
 
 
 class PreconditionedOptimizer(torch.optim.Optimizer):
@@ -106,7 +107,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         **options: Any,
     ) -> None:
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
-        _check_group(defaults)
+        self._check_group(defaults)
         check_positive_int("T_cov", T_cov)
         check_positive_int("T_inv", T_inv)
         check_unit_interval("ema_decay", ema_decay)
@@ -129,6 +130,15 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             hooks.register(model, self, "_before_forward", pre=True),
             hooks.register(model, self, "_after_forward"),
         ]
+
+    @staticmethod
+    def _check_group(group: dict[str, Any]) -> None:
+        """The hyper-parameters a scheduler may change, checked at construction and every
+        step."""
+        check_non_negative("lr", group["lr"])
+        check_positive("damping", group["damping"])
+        check_unit_interval("momentum", group["momentum"])
+        check_non_negative("weight_decay", group["weight_decay"])
 
     def remove_hooks(self) -> None:
         """Detach the optimiser from the model's forward pass."""
@@ -154,7 +164,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         }
 
     def _gradient(self, group: dict[str, Any]) -> Tensor:
-        """:math:`g + \\omega\theta`, flat; names the parameter whose gradient is missing or
+        """:math:`g + \\omega\\theta`, flat; names the parameter whose gradient is missing or
         not finite."""
         parts = []
         for name, p in zip(self.layout.names, group["params"]):
@@ -171,26 +181,46 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             )
         return g
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One preconditioned step; ``closure`` (optional) re-evaluates the model and returns
-        the loss."""
+    def _begin_step(
+        self, closure: Callable[[], Tensor] | None
+    ) -> tuple[Tensor | None, dict[str, Any], Tensor]:
+        """Run ``closure`` (if any) with gradients enabled; return its loss, the checked
+        parameter group and the flat gradient :math:`g + \\omega\\theta`."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        _check_group(group)
-        g = self._gradient(group)
+        self._check_group(group)
+        return loss, group, self._gradient(group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One preconditioned step; ``closure`` (optional) re-evaluates the model and returns
+        the loss.
+
+        Raises:
+            ValueError: for a hyper-parameter of the parameter group that is out of range or
+                not finite, a gradient with NaN or Inf (naming the parameter), or a fault in
+                the curvature (non-finite factors or direction, a failed decomposition,
+                naming the layer); parameters and optimiser state are then unchanged.
+            RuntimeError: if a gradient is missing or no forward pass was recorded.
+        """
+        loss, group, g = self._begin_step(closure)
+        # Work on a copy (update and refresh replace tensors, they never write into them) and
+        # keep it only once the step is sure to succeed, so a failure changes nothing.
+        curvature = copy.copy(self.curvature)
         if self.steps % self.T_cov == 0:
             batch = self.watcher.estimate()
-            if self.curvature is None:
-                self.curvature = batch
+            if curvature is None:
+                curvature = batch
             else:
-                self.curvature.update(batch, self.ema_decay)
+                curvature.update(batch, self.ema_decay)
         if self.steps % self.T_inv == 0:
-            self.curvature.refresh(group["damping"])
-        delta = self.curvature.solve(g, self.curvature.damping)  # the last refresh's inverse
+            curvature.refresh(group["damping"])
+        delta = curvature.solve(g, curvature.damping)  # the last refresh's inverse
+        check_finite(delta, "the preconditioned gradient")
+        self.curvature = curvature
         lr, mu = group["lr"], group["momentum"]
         nu = 1.0
         if self.kl_clip is not None:
@@ -323,6 +353,114 @@ class NGD(PreconditionedOptimizer):
         )
 
 
+class BatchCurvatureMethod(PreconditionedOptimizer):
+    r""":math:`\theta \leftarrow \theta - \eta\,(C + \lambda I)^{-1} \nabla_\theta L` with the
+    exact matrix :math:`C` (class :attr:`matrix`) of each batch, formed every step with no
+    averaging: dense and factorised up to :data:`natlib.exact.DENSE_LIMIT` parameters,
+    matrix-free and solved by conjugate gradients beyond. The batch's labels come from the
+    loss module's call (:class:`natlib.exact.LossWatcher`), so the loop must compute the loss
+    as ``loss_fn(model(X), y)`` with the ``loss_fn`` given here.
+
+    Args:
+        lr, damping, momentum, weight_decay: as :class:`PreconditionedOptimizer`.
+    """
+
+    matrix: ClassVar[type[ExactCurvature]]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        lr: float = 1.0,
+        damping: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__(model, loss_fn, self.matrix, lr, damping, momentum, weight_decay)
+
+
+class Newton(BatchCurvatureMethod):
+    r"""Damped Newton, :math:`\theta \leftarrow \theta - \eta\,(H + \lambda I)^{-1}
+    \nabla_\theta L` with the batch Hessian :math:`H` (:class:`natlib.exact.Hessian`; Nocedal &
+    Wright, 2006, §3.4). :math:`H + \lambda I` may be indefinite: the dense solve is an LU
+    solve, and conjugate gradients (beyond :data:`natlib.exact.DENSE_LIMIT`) raise
+    ``ValueError`` on negative curvature, asking for more damping."""
+
+    matrix = Hessian
+
+
+class SaddleFreeNewton(BatchCurvatureMethod):
+    r"""Saddle-free Newton (Dauphin et al., 2014), :math:`\theta \leftarrow \theta - \eta\,
+    (|H| + \lambda I)^{-1} \nabla_\theta L` with :math:`|H| = V|\Lambda|V^\top`
+    (:class:`natlib.newton.SaddleFreeHessian`): dense, for small models only."""
+
+    matrix = SaddleFreeHessian
+
+
+class GaussNewton(BatchCurvatureMethod):
+    r"""Damped (generalised) Gauss-Newton, :math:`\theta \leftarrow \theta - \eta\,(G +
+    \lambda I)^{-1} \nabla_\theta L` with the batch GGN :math:`G = \sum_n J_n^\top
+    (\nabla_f^2 L) J_n` (:class:`natlib.exact.GGN`; Schraudolph, 2002; Martens, 2020, §8),
+    which equals the exact Fisher for the supported losses: the same step as :class:`NGD`."""
+
+    matrix = GGN
+
+
+class Configuration(PreconditionedOptimizer):
+    """:class:`PreconditionedOptimizer` with its curvature class (``curvature_type``) and
+    default hyper-parameters (``configuration``) fixed; keyword arguments override them."""
+
+    curvature_type: ClassVar[type[RunningCurvature]]
+    configuration: ClassVar[dict[str, Any]]
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, **hyperparameters: Any) -> None:
+        options = self.configuration | hyperparameters
+        super().__init__(model, loss_fn, self.curvature_type, **options)
+
+
+class DiagonalNGD(Configuration):
+    r"""Natural gradient with the Fisher's diagonal, :math:`\Delta = (g + \omega\theta) \oslash
+    (\mathrm{diag}\,F + \lambda)`, from squared per-example (per-cotangent) gradients
+    (:class:`natlib.approximations.DiagonalFisher`). Defaults: ``lr=0.1``, ``damping=1e-3``,
+    ``kind="exact"``, ``T_cov=T_inv=1``, ``ema_decay=0.95``; others as
+    :class:`PreconditionedOptimizer`."""
+
+    curvature_type = DiagonalFisher
+    configuration = dict(lr=0.1, damping=1e-3, ema_decay=0.95)
+
+
+class BlockDiagonalNGD(Configuration):
+    r"""Natural gradient with the Fisher's exact layer-wise diagonal blocks
+    (:class:`natlib.approximations.BlockDiagonalFisher`), solved by Cholesky per layer.
+    Defaults: ``lr=1.0``, ``damping=1e-3``, ``kind="exact"``, ``T_cov=T_inv=1``,
+    ``ema_decay=0``; others as :class:`PreconditionedOptimizer`."""
+
+    curvature_type = BlockDiagonalFisher
+    configuration = dict(lr=1.0, damping=1e-3)
+
+
+class EKFAC(Configuration):
+    r"""EK-FAC (George et al., 2018): K-FAC's eigenbasis every ``T_inv`` steps, its
+    eigenvalues re-fitted to projected per-example gradients every ``T_cov`` steps
+    (:class:`natlib.ekfac.EKFACApproximation`). Defaults as :class:`KFAC`: ``lr=0.01``,
+    ``damping=1e-3``, ``T_inv=10``, ``ema_decay=0.95``, ``kind="exact"``."""
+
+    curvature_type = EKFACApproximation
+    configuration = dict(lr=0.01, damping=1e-3, T_inv=10, ema_decay=0.95)
+
+
+class Shampoo(Configuration):
+    r"""Shampoo (Gupta et al., 2018): :math:`\Delta = (L + \varepsilon I)^{-1/4} \bar G
+    (R + \varepsilon I)^{-1/4}` per layer with :math:`\varepsilon` = ``damping``, inverse roots
+    every ``T_inv`` steps (:class:`natlib.shampoo.ShampooPreconditioner`; ``damping_mode``
+    ``"root"`` or ``"exact"``). Defaults: ``lr=0.01``, ``damping=1e-4``, ``T_inv=10``,
+    ``ema_decay=0.99``, ``kind="empirical"`` (the loop's own gradient, the only one it
+    supports)."""
+
+    curvature_type = ShampooPreconditioner
+    configuration = dict(lr=0.01, damping=1e-4, T_inv=10, ema_decay=0.99, kind="empirical")
+
+
 @dataclass(frozen=True)
 class Trace:
     """A training run: full-batch training loss after ``steps[i]`` steps and the optimiser's
@@ -352,8 +490,22 @@ def train(
     seed: int = 0,
 ) -> Trace:
     """Train with mini-batches (reshuffled every epoch; ``None``: full batch) and record the
-    full training loss every ``eval_every`` steps. Stops early when the loss is not finite."""
+    full training loss every ``eval_every`` steps. Stops early when the loss is not finite.
+
+    Raises:
+        ValueError: if ``steps`` is negative, ``batch_size`` (when given) or ``eval_every`` is
+            not a positive integer, or ``X`` and ``y`` hold different numbers of examples.
+    """
+    check_integer("steps", steps, 0)
+    check_positive_int("eval_every", eval_every)
+    if batch_size is not None:
+        check_positive_int("batch_size", batch_size)
     n = X.shape[0]
+    if y.shape[:1] != (n,):
+        raise ValueError(
+            f"X of shape {tuple(X.shape)} and y of shape {tuple(y.shape)} hold different "
+            "numbers of examples."
+        )
     batch_size = batch_size or n
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)

@@ -8,12 +8,15 @@ Every problem is deterministic given its seed and returns tensors in torch's def
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from natlib.checks import check_float_dtype, check_integer, check_seed
 
 Activation = Literal["tanh", "relu", "sigmoid", "identity"]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -41,13 +44,14 @@ class Problem:
 
 
 def _generator(seed: int) -> torch.Generator:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-    return torch.Generator().manual_seed(seed)
+    check_seed(seed)
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _resolve(dtype: torch.dtype | None, device: torch.device | str | None):
-    return dtype or torch.get_default_dtype(), torch.device(device or "cpu")
+    dtype = dtype or torch.get_default_dtype()
+    check_float_dtype(dtype)
+    return dtype, torch.device(device or "cpu")
 
 
 def _split(n: int, test_fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -130,9 +134,13 @@ def kunstner_linear_regression(
     :math:`\\varepsilon_n \\sim \\mathcal{N}(0, 1)`. Loss: ``MSELoss()`` (mean), the Gaussian
     negative log-likelihood up to an affine map. A test set of the same size is drawn
     independently.
+
+    Raises:
+        TypeError: if ``seed`` is not an integer.
+        ValueError: if ``seed`` is negative, ``n`` is not an integer of at least 2, or
+            ``dtype`` is not float32 or float64.
     """
-    if n < 2:
-        raise ValueError(f"n must be at least 2, got {n}.")
+    check_integer("n", n, 2)
     dtype, device = _resolve(dtype, device)
     generator = _generator(seed)
     theta_star = torch.tensor([2.0, 2.0], dtype=torch.float64)
@@ -163,9 +171,13 @@ def logistic_toy(
     :math:`\\theta^* = (1.5, -1)`. The ill-conditioned, correlated inputs make gradient
     descent's path curve while the natural gradient's does not. Loss: mean
     ``BCEWithLogitsLoss`` on the logit :math:`x^\\top\\theta`.
+
+    Raises:
+        TypeError: if ``seed`` is not an integer.
+        ValueError: if ``seed`` is negative, ``n`` is not an integer of at least 2, or
+            ``dtype`` is not float32 or float64.
     """
-    if n < 2:
-        raise ValueError(f"n must be at least 2, got {n}.")
+    check_integer("n", n, 2)
     dtype, device = _resolve(dtype, device)
     generator = _generator(seed)
     theta_star = torch.tensor([1.5, -1.0], dtype=torch.float64)
@@ -196,7 +208,13 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
 
 
 def load(name: str, **kwargs) -> Problem:
-    """Build a problem by name; ``kwargs`` go to its constructor (seed, dtype, device, ...)."""
+    """Build a problem by name; ``kwargs`` go to its constructor (seed, dtype, device, ...).
+
+    Raises:
+        ValueError: for an unknown name, or a constructor's argument out of range (a seed
+            outside ``[0, 2**32 - 1]``, a dtype other than float32 or float64, ...).
+        TypeError: for a seed that is not an integer.
+    """
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; supported: {', '.join(sorted(PROBLEMS))}.")
     return PROBLEMS[name](**kwargs)
@@ -212,9 +230,16 @@ def mlp(
 
     No activation after the last layer (losses take logits). ``seed`` makes the
     initialisation independent of the global generator.
+
+    Raises:
+        ValueError: for fewer than two sizes, a size that is not a positive integer, an
+            unsupported activation or a negative seed.
     """
-    if len(sizes) < 2 or any(not isinstance(s, int) or s < 1 for s in sizes):
+    if len(sizes) < 2 or any(
+        isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in sizes
+    ):
         raise ValueError(f"sizes must be at least two positive integers, got {list(sizes)}.")
+    sizes = [int(s) for s in sizes]
     if activation not in _ACTIVATIONS:
         raise ValueError(
             f"activation {activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}."

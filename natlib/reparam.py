@@ -12,7 +12,6 @@ several sizes (Amari, 1998; Martens, 2020).
 from __future__ import annotations
 
 import copy
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from natlib import curvature
+from natlib.checks import (
+    check_choice,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    warn_pseudo_inverse,
+)
 from natlib.losses import likelihood
 
 
@@ -318,18 +324,24 @@ def direction(
     :math:`^{+}` is the Moore-Penrose pseudo-inverse (the inverse when the matrix is
     invertible). Curvature comes from :mod:`natlib.curvature`, so a :class:`Reparametrized`
     model gets :math:`F_\\phi`, :math:`H_\\phi` and takes its step in φ.
+
+    Warns (``RuntimeWarning``) when ``damping`` is positive but the damped matrix is not
+    numerically positive definite, so the pseudo-inverse stands in for the inverse.
+
+    Raises:
+        ValueError: for an unsupported rule, a negative or non-finite damping, a bad batch
+            (see :mod:`natlib.curvature`), or zeros on a diagonal without damping.
     """
-    if rule not in RULES:
-        raise ValueError(f"rule {rule!r} is not supported; use one of {RULES}.")
-    if not (math.isfinite(damping) and damping >= 0.0):
-        raise ValueError(f"damping must be finite and non-negative, got {damping}.")
+    check_choice("rule", rule, Rule)
+    check_non_negative("damping", damping)
     g = curvature.flat_gradient(model, loss_fn, X, y)
     if rule == "gd":
         return g
     if rule in ("ngd", "newton"):
         matrix = curvature.fisher if rule == "ngd" else curvature.hessian
         C = matrix(model, loss_fn, X, y)
-        return _pseudo_solve(C + damping * torch.eye(len(C), dtype=C.dtype, device=C.device), g)
+        damped = C + damping * torch.eye(len(C), dtype=C.dtype, device=C.device)
+        return _pseudo_solve(damped, g, damping, "Fisher" if rule == "ngd" else "Hessian")
     kind, power = ("exact", 1.0) if rule == "diag_fisher" else ("empirical", 0.5)
     diagonal = torch.diagonal(curvature.fisher(model, loss_fn, X, y, kind=kind)) + damping
     d = g / diagonal**power
@@ -338,13 +350,16 @@ def direction(
     return d
 
 
-def _pseudo_solve(C: Tensor, g: Tensor) -> Tensor:
+def _pseudo_solve(C: Tensor, g: Tensor, damping: float, what: str) -> Tensor:
     """:math:`C^{+} g` for symmetric :math:`C`: by Cholesky when :math:`C` is numerically
-    positive definite (pivots above ``pinv``'s cut-off), else by the pseudo-inverse."""
+    positive definite (pivots above ``pinv``'s cut-off), else by the pseudo-inverse, with a
+    warning when ``C`` is the ``what`` plus a positive ``damping`` (an inverse was meant)."""
     L, info = torch.linalg.cholesky_ex(C)
     pivots = torch.diagonal(L) ** 2
     if info.item() == 0 and pivots.min() > len(C) * torch.finfo(C.dtype).eps * pivots.max():
         return torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
+    if damping:
+        warn_pseudo_inverse(what, damping)
     return torch.linalg.pinv(C, hermitian=True) @ g
 
 
@@ -362,9 +377,13 @@ def trajectory(
     \\eta\\, d(\\theta_k)` (see :func:`direction`), shape ``(steps + 1, P)``.
 
     Runs on a copy; ``model`` is left unchanged.
+
+    Raises:
+        ValueError: if ``lr`` is not a positive finite number or ``steps`` not a positive
+            integer, and as :func:`direction`.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    check_positive("lr", lr)
+    check_positive_int("steps", steps)
     model = copy.deepcopy(model)
     params = list(model.parameters())
     thetas = [parameters_to_vector(params).detach()]
@@ -407,6 +426,9 @@ def compare(
 
     Displacements are measured from each run's own start (:math:`h(h^{-1}(\\theta_0))` for the
     φ-run), so round-off in the inverse does not count as discrepancy.
+
+    Raises:
+        ValueError: as :func:`trajectory`.
     """
     theta = trajectory(model, loss_fn, X, y, rule, lr, steps, damping)
     phi = trajectory(Reparametrized(model, reparam), loss_fn, X, y, rule, lr, steps, damping)
@@ -427,8 +449,13 @@ def compare_step_sizes(
 
     Row ``k + 1`` of each trajectory is the step of size ``lrs[k]`` (row 0 is the start), so
     ``parameter[k]`` is the discrepancy of that step. The two directions are computed once.
+
+    Raises:
+        ValueError: if a step size is not a positive finite number, and as :func:`direction`.
     """
     lrs = torch.as_tensor(lrs, dtype=X.dtype, device=X.device).reshape(-1, 1)
+    for lr in lrs.flatten().tolist():
+        check_positive("step size", lr)
     starts, steps = [], []
     for m in (model, Reparametrized(model, reparam)):
         starts.append(parameters_to_vector(m.parameters()).detach())

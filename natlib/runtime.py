@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+from natlib.checks import check_float_dtype, check_seed
+
 DEVICE_VARIABLE = "NATLIB_DEVICE"
-_MAX_SEED = 2**32 - 1  # NumPy's legacy seeding accepts [0, 2**32 - 1]
 
 
 def device() -> torch.device:
@@ -48,13 +48,15 @@ def setup(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.device:
 
     Returns:
         ``natlib.device()``.
+
+    Raises:
+        TypeError: if ``seed`` is not an integer.
+        ValueError: if ``seed`` or ``dtype`` is out of range, or ``NATLIB_DEVICE`` is not
+            supported.
+        RuntimeError: if ``NATLIB_DEVICE`` asks for CUDA on a machine without it.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer in [0, {_MAX_SEED}], got {seed!r}.")
-    if not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, {_MAX_SEED}], got {seed}.")
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use torch.float32 or torch.float64.")
+    check_seed(seed)
+    check_float_dtype(dtype)
     chosen = device()
     random.seed(int(seed))
     np.random.seed(int(seed))

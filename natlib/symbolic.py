@@ -9,6 +9,8 @@ from typing import Literal
 import sympy as sp
 from sympy.stats import E, Normal
 
+from natlib.checks import check_positive_int
+
 Expectation = Callable[[sp.Expr, Sequence[sp.Expr]], sp.Expr]
 
 
@@ -177,6 +179,42 @@ def affine_steps(n: int = 2) -> AffineSteps:
         gd_phi=sp.expand(h(phi + gd_dphi) - h(phi)),
         gd_predicted=-eta * A * A.T * g,
     )
+
+
+def newton_affine_residual(n: int = 2) -> sp.Matrix:
+    r"""Newton's step is exactly invariant under an invertible affine map :math:`\theta = A\phi
+    + b`, for every step size :math:`\eta`: the residual, zero when the identity holds.
+
+    The step depends on the gradient and Hessian at the current point only, so the loss is its
+    generic second-order Taylor polynomial there, :math:`L(\theta) = c + g^\top(\theta -
+    \theta_0) + \tfrac12 (\theta - \theta_0)^\top H (\theta - \theta_0)` with symbols
+    :math:`g` and symmetric :math:`H`. Differentiating :math:`L(A\phi + b)` gives
+    :math:`\nabla_\phi L = A^\top g` and :math:`\nabla^2_\phi L = A^\top H A` (the map has no
+    second derivative to add a term, unlike :func:`nonlinear_step_discrepancy`), and the
+    φ-step mapped to θ equals the θ-step (Nocedal & Wright, 2006, §2.2; Martens, 2020, §12.1).
+
+    Returns:
+        :math:`h(\phi_0 + \Delta\phi) - h(\phi_0) - \Delta\theta` with
+        :math:`\Delta\phi = -\eta (\nabla^2_\phi L)^{-1} \nabla_\phi L`,
+        :math:`\Delta\theta = -\eta H^{-1} g`, simplified: the ``n x 1`` zero matrix.
+    """
+    check_positive_int("n", n)
+    eta, c = sp.Symbol("eta", positive=True), sp.Symbol("c", real=True)
+    A, b = _generic("a", n, n), _generic("b", n, 1)
+    g, H = _generic("g", n, 1), _generic("H", n, n, symmetric=True)
+    phi0, phi = _generic("p", n, 1), _generic("x", n, 1)
+
+    def h(v: sp.Matrix) -> sp.Matrix:
+        return A * v + b
+
+    offset = h(phi) - h(phi0)
+    loss = c + (g.T * offset)[0, 0] + (offset.T * H * offset)[0, 0] / 2
+    at_phi0 = dict(zip(phi, phi0))
+    grad_phi = sp.Matrix([sp.diff(loss, x) for x in phi]).subs(at_phi0)
+    hess_phi = sp.hessian(loss, list(phi)).subs(at_phi0)
+    dphi = -eta * hess_phi.inv() * grad_phi
+    dtheta = -eta * H.inv() * g
+    return sp.simplify(h(phi0 + dphi) - h(phi0) - dtheta)
 
 
 def nonlinear_step_discrepancy(rule: Literal["ngd", "newton"], order: int = 2) -> list[sp.Expr]:

@@ -1,6 +1,8 @@
 """Assertions shared by the test modules (imported as ``from helpers import ...``)."""
 
 import torch
+from torch import nn
+from torch.nn.utils import parameters_to_vector
 
 RTOL = 1e-10
 
@@ -11,6 +13,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTO
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     error = (actual - expected).norm() / expected.norm().clamp_min(1e-300)
     assert error <= rtol, f"relative error {error:.3e} > {rtol:.0e}"
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    """The model's parameters as one detached flat vector (a copy)."""
+    return parameters_to_vector(model.parameters()).detach().clone()
+
+
+def one_step(optimizer: torch.optim.Optimizer, case) -> None:
+    """One step of the usual loop on a ``cases.Case``'s batch."""
+    optimizer.zero_grad()
+    case.loss_fn(case.model(case.X), case.y).backward()
+    optimizer.step()
 
 
 def stdout(outputs: list[dict]) -> str:

@@ -2,12 +2,17 @@
 
 import numpy as np
 import pytest
+import torch
 
 from natlib.checks import (
     check_choice,
+    check_float_dtype,
+    check_integer,
     check_non_negative,
     check_positive,
     check_positive_int,
+    check_seed,
+    check_tensor,
     check_unit_interval,
 )
 from natlib.losses import FisherKind
@@ -47,3 +52,20 @@ def test_rejected_values_name_the_argument(check, value, error, message) -> None
 def test_choice_lists_what_is_supported() -> None:
     with pytest.raises(ValueError, match=r"kind 'type-2' is not supported; use one of \('exact'"):
         check_choice("kind", "type-2", FisherKind)
+
+
+def test_integers_seeds_dtypes_and_tensors() -> None:
+    check_integer("n", np.int64(2), 2)
+    check_seed(np.uint32(2**32 - 1))
+    check_float_dtype(torch.float32)
+    check_tensor("X", torch.zeros(1))
+    with pytest.raises(ValueError, match="n must be an integer of at least 2, got 1"):
+        check_integer("n", 1, 2)
+    with pytest.raises(TypeError, match=r"seed must be an integer in \[0, 4294967295\]"):
+        check_seed(np.float64(1.0))
+    with pytest.raises(ValueError, match="got 4294967296"):
+        check_seed(2**32)
+    with pytest.raises(ValueError, match="torch.float16 is not supported"):
+        check_float_dtype(torch.float16)
+    with pytest.raises(TypeError, match="X must be a torch.Tensor, got ndarray"):
+        check_tensor("X", np.zeros(1))

@@ -14,21 +14,40 @@ from cases import LOSSES, mlp_case, vector
 from helpers import assert_close
 
 from natlib import curvature
+from natlib.adam import AdamPreconditioner
+from natlib.approximations import BlockDiagonalFisher, DiagonalFisher
+from natlib.ekfac import EKFACApproximation, scalings
 from natlib.exact import GGN, Fisher, Hessian
 from natlib.interface import Curvature, Flops, RunningCurvature
 from natlib.kfac import KFACApproximation
+from natlib.lbfgs import LBFGSOperator
+from natlib.newton import SaddleFreeHessian
+from natlib.shampoo import ShampooPreconditioner
 
 pytestmark = pytest.mark.usefixtures("float64")
 
 CLASSES = {
     "hessian": (Hessian, {}),
     "ggn": (GGN, {}),
+    "saddle-free": (SaddleFreeHessian, {}),
     "fisher-exact": (Fisher, {"kind": "exact"}),
     "fisher-mc": (Fisher, {"kind": "mc", "mc_samples": 3}),
     "fisher-empirical": (Fisher, {"kind": "empirical"}),
     "kfac-exact": (KFACApproximation, {"kind": "exact", "damping_mode": "exact"}),
     "kfac-mc": (KFACApproximation, {"kind": "mc", "damping_mode": "exact"}),
     "kfac-empirical": (KFACApproximation, {"kind": "empirical", "damping_mode": "exact"}),
+    "diagonal-exact": (DiagonalFisher, {"kind": "exact"}),
+    "diagonal-mc": (DiagonalFisher, {"kind": "mc", "mc_samples": 3}),
+    "diagonal-empirical": (DiagonalFisher, {"kind": "empirical"}),
+    "blocks-exact": (BlockDiagonalFisher, {"kind": "exact"}),
+    "blocks-empirical": (BlockDiagonalFisher, {"kind": "empirical"}),
+    "ekfac-exact": (EKFACApproximation, {"kind": "exact"}),
+    "ekfac-mc": (EKFACApproximation, {"kind": "mc"}),
+    "ekfac-empirical": (EKFACApproximation, {"kind": "empirical"}),
+    "adam": (AdamPreconditioner, {"kind": "empirical", "beta2": 0.25}),
+    "adam-uncorrected": (AdamPreconditioner, {"beta2": 0.25, "bias_correction": False}),
+    "shampoo": (ShampooPreconditioner, {"damping_mode": "exact"}),
+    "lbfgs": (LBFGSOperator, {"iterations": 8, "history_size": 5}),
 }
 
 
@@ -85,14 +104,28 @@ def test_running_estimate_averages_and_resumes(name: str) -> None:
     C, D = build(name, seed=0), build(name, seed=1)
     if not isinstance(C, RunningCurvature):
         pytest.skip("not a running estimate")
-    if isinstance(C, KFACApproximation):  # K-FAC averages each factor, not the product
+    if isinstance(C, KFACApproximation | ShampooPreconditioner):  # each factor, not the product
+        mine, theirs = (
+            (C.factors, D.factors) if isinstance(C, KFACApproximation) else (C.moments, D.moments)
+        )
+        expected = {n: [0.25 * a + 0.75 * b for a, b in zip(f, theirs[n])] for n, f in mine.items()}
+        C.update(D, decay=0.25)
+        averaged = C.factors if isinstance(C, KFACApproximation) else C.moments
+        for n, factors in averaged.items():
+            for factor, want in zip(factors, expected[n]):
+                assert_close(factor, want)
+    elif isinstance(C, EKFACApproximation):  # the batch's gradients in C's eigenbasis
         expected = {
-            n: [0.25 * a + 0.75 * b for a, b in zip(f, D.factors[n])] for n, f in C.factors.items()
+            n: 0.25 * S + 0.75 * scalings(C.basis[n], *D.samples[n]) for n, S in C.scalings.items()
         }
         C.update(D, decay=0.25)
-        for n, (A, G) in C.factors.items():
-            assert_close(A, expected[n][0])
-            assert_close(G, expected[n][1])
+        for n, S in C.scalings.items():
+            assert_close(S, expected[n])
+    elif isinstance(C, AdamPreconditioner):  # the squared gradients, as torch.optim.Adam
+        expected = [0.25 * v + 0.75 * g * g for v, g in zip(C.second_moment, D.gradient)]
+        C.update(D, decay=0.25)
+        for v, want in zip(C.second_moment, expected):
+            assert_close(v, want, rtol=1e-15)
     else:
         expected = 0.25 * C.to_dense() + 0.75 * D.to_dense()
         C.update(D, decay=0.25)
@@ -132,17 +165,39 @@ def test_bad_vectors_and_damping_are_rejected(name: str) -> None:
     C = build(name)
     with pytest.raises(ValueError, match="must be a tensor of shape"):
         C.matvec(torch.zeros(3))
+    if isinstance(C, LBFGSOperator):  # damping 0 is the two-loop recursion
+        for damping in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="damping must be a non-negative finite number"):
+                C.solve(vector(C.layout.numel), damping)
+        return
     for damping in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="damping must be a positive finite number"):
             C.solve(vector(C.layout.numel), damping)
 
 
-def test_hessian_and_ggn_have_no_kind_and_no_watcher() -> None:
+def test_hessian_and_ggn_have_no_kind() -> None:
     case = mlp_case()
     with pytest.raises(ValueError, match="has no Fisher kind"):
         Hessian.from_batch(case.model, case.loss_fn, case.X, case.y, kind="mc")
-    with pytest.raises(ValueError, match="needs the labels"):
-        GGN.watch(case.model, case.loss_fn, kind="exact", mc_samples=1, generator=None)
+    with pytest.raises(ValueError, match="has no Fisher kind"):
+        GGN.watch(case.model, case.loss_fn, kind="empirical", mc_samples=1, generator=None)
+
+
+@pytest.mark.parametrize("name", ["hessian", "ggn", "saddle-free"])
+def test_watcher_reads_the_labels_from_the_loss_call(name: str) -> None:
+    cls = CLASSES[name][0]
+    case = mlp_case("mse")
+    watcher = cls.watch(case.model, case.loss_fn, kind="exact", mc_samples=1, generator=None)
+    watcher.start((case.X,))
+    output = case.model(case.X)
+    watcher.finish(output)
+    case.loss_fn(output, case.y)
+    case.loss_fn(output, case.y + 1.0)  # only the first call after the pass counts
+    estimate = watcher.estimate()
+    assert_close(estimate.to_dense(), build(name, "mse").to_dense())
+    with pytest.raises(RuntimeError, match="no labelled pass was recorded"):
+        watcher.estimate()  # consumed
+    watcher.remove()
 
 
 def test_matrix_free_solve_uses_conjugate_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,3 +209,19 @@ def test_matrix_free_solve_uses_conjugate_gradients(monkeypatch: pytest.MonkeyPa
     x = C.solve(v, 0.1)
     assert C._dense is None  # never formed
     assert_close(C.matvec(x) + 0.1 * x, v, rtol=1e-9)
+
+
+def test_matrix_free_refresh_and_update_keep_the_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond DENSE_LIMIT, refresh only records the damping and an update without averaging
+    takes the batch's product over, so an optimiser never forms the matrix."""
+    import natlib.exact
+
+    monkeypatch.setattr(natlib.exact, "DENSE_LIMIT", 10)
+    C, D = build("ggn", seed=0), build("ggn", seed=1)
+    C.refresh(0.1)
+    C.update(D, decay=0.0)
+    assert C._dense is None and C.memory_bytes == 0 and C.damping == 0.1
+    v = vector(C.layout.numel)
+    x = C.solve(v, C.damping)
+    assert C._dense is None
+    assert_close(D.to_dense() @ x + 0.1 * x, v, rtol=1e-9)

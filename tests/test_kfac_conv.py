@@ -157,7 +157,7 @@ def test_unsupported_layers_are_named(name: str) -> None:
     module, message = UNSUPPORTED[name]
     model = nn.Module()
     model.body = nn.Sequential(module, nn.Linear(2, 2))
-    with pytest.raises(ValueError, match=message + r".*supports only nn\.Linear.*nn\.Conv2d"):
+    with pytest.raises(ValueError, match=message + r".*support only nn\.Linear.*nn\.Conv2d"):
         ParamLayout.of(model, kronecker=True)
     layout = ParamLayout.of(model, kronecker=True, unsupported="gradient")
     assert [type(b).__name__ for b in layout.blocks] == ["Block", "LinearLayer"]

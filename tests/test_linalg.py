@@ -10,6 +10,7 @@ from helpers import assert_close
 from natlib.linalg import (
     EigenInverse,
     FactoredInverse,
+    condition_number,
     conjugate_gradient,
     damped_inverse,
     eigh,
@@ -93,6 +94,19 @@ def test_conjugate_gradient_reports_iterations_and_convergence():
     assert not truncated.converged and truncated.iterations == 2 and truncated.residual > 1e-3
 
 
+def test_conjugate_gradient_warm_start_reaches_the_same_solution():
+    A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    b = torch.ones(5, dtype=torch.float64)
+    solution = 1 / torch.arange(1.0, 6.0, dtype=torch.float64)
+    at_solution = conjugate_gradient(lambda v: A @ v, b, x0=solution)
+    assert at_solution.converged and at_solution.iterations == 0
+    warm = conjugate_gradient(lambda v: A @ v, b, x0=torch.ones(5, dtype=torch.float64))
+    assert warm.converged
+    assert_close(warm.x, solution)
+    with pytest.raises(ValueError, match="x0 must have the shape of b"):
+        conjugate_gradient(lambda v: A @ v, b, x0=torch.ones(4, dtype=torch.float64))
+
+
 def test_conjugate_gradient_rejects_indefinite_matrices():
     A = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="not positive definite"):
@@ -103,3 +117,11 @@ def test_conjugate_gradient_rejects_bad_tolerance() -> None:
     for tol in (0.0, float("nan")):
         with pytest.raises(ValueError, match="tol must be a positive finite number"):
             conjugate_gradient(lambda v: v, torch.ones(2), tol=tol)
+
+
+def test_condition_number_estimates_the_spectral_condition_number():
+    generator = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(30, 30, generator=generator, dtype=torch.float64))
+    C = (Q * torch.logspace(-4, 2, 30, dtype=torch.float64)) @ Q.T
+    estimate = condition_number(C, torch.linalg.cholesky(C))
+    assert 0.5e6 < estimate <= 1e6 * (1 + 1e-9)  # a lower bound, close after 20 iterations

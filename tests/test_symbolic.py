@@ -53,6 +53,18 @@ def test_affine_steps_rejects_bad_dimension(n):
         symbolic.affine_steps(n)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_newton_step_is_exactly_invariant_under_affine_maps(n):
+    residual = symbolic.newton_affine_residual(n)
+    assert residual.shape == (n, 1) and residual.is_zero_matrix
+
+
+@pytest.mark.parametrize("n", [0, 1.5])
+def test_newton_affine_residual_rejects_bad_dimension(n):
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        symbolic.newton_affine_residual(n)
+
+
 def test_nonlinear_ngd_discrepancy_is_second_order_with_the_h_second_derivative():
     g, F, h1, h2 = sp.symbols("g F h' h''")
     c1, c2 = symbolic.nonlinear_step_discrepancy("ngd")
