@@ -25,6 +25,7 @@ SUBMODULES = (
     "interface",
     "kfac",
     "kunstner",
+    "language",
     "layout",
     "lbfgs",
     "linalg",

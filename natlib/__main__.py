@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument(
         "name", choices=["curvature", "kfac", "scaling", "approximations"], help="which benchmark"
     )
+    bench.add_argument(
+        "--model",
+        choices=["mlp", "cnn", "transformer"],
+        default="mlp",
+        help="kfac: the tanh MLP (default), the digits CNN or the character transformer",
+    )
     bench.add_argument("--json", "--out", type=Path, help="also write the numbers as JSON here")
     bench.add_argument(
         "--device", choices=["cpu", "cuda"], help="where to run it (default: natlib.device())"
@@ -63,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
 
         chosen = {
             "curvature": lambda: benchmarks.curvature_benchmark(device=args.device),
-            "kfac": lambda: benchmarks.kfac_benchmark(device=args.device),
+            "kfac": lambda: (
+                benchmarks.kfac_benchmark(device=args.device)
+                if args.model == "mlp"
+                else benchmarks.architecture_benchmark(args.model, device=args.device)
+            ),
             "scaling": lambda: scaling.benchmark(args.device),
             "approximations": lambda: benchmarks.approximations_benchmark(device=args.device),
         }

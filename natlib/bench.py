@@ -1,4 +1,5 @@
-"""The benchmarks behind ``python -m natlib bench curvature|kfac|approximations``.
+"""The benchmarks behind ``python -m natlib bench curvature|kfac|approximations``
+(``kfac --model mlp|cnn|transformer``).
 
 Times are medians from :mod:`natlib.timing`, measured in the same process as the baselines
 they are compared with; the slow per-example references come from :mod:`natlib.reference`.
@@ -9,12 +10,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from natlib import curvature, problems, timing
+from natlib import curvature, language, problems, timing
 from natlib.adam import AdamPreconditioner
 from natlib.approximations import BlockDiagonalFisher, DiagonalFisher
 from natlib.ekfac import EKFACApproximation
@@ -195,6 +197,31 @@ class KFACBenchmark:
         return "\n".join(lines)
 
 
+def _step_seconds(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    makers: dict[str, tuple[Callable[[nn.Module], torch.optim.Optimizer], int]],
+    rounds: int,
+) -> dict[str, float]:
+    """Seconds per step of each ``(make optimiser, steps per cycle)``, each on its own copy of
+    ``model``: a warm-up cycle, then medians of ``rounds`` interleaved rounds of one cycle."""
+    cycles = {}
+    for key, (make, steps) in makers.items():
+        net = copy.deepcopy(model)
+        cycles[key] = (timing.training_step(net, make(net), loss_fn, X, y, steps), steps)
+    for run, _ in cycles.values():
+        run()  # warm-up, and the first factor and inverse update
+    return timing.interleaved_medians(
+        {
+            key: (lambda run=run, n=n: timing.median_seconds(run, min_run_time=0.0) / n)
+            for key, (run, n) in cycles.items()
+        },
+        rounds,
+    )
+
+
 def kfac_benchmark(
     rounds: int = 3,
     widths: tuple[int, ...] = KFAC_WIDTHS,
@@ -221,28 +248,16 @@ def kfac_benchmark(
     def options(kind: str) -> dict[str, object]:
         return {**sgd, "damping": 1e-3, "kl_clip": 1e-3, "kind": kind, "damping_mode": "pi"}
 
-    def cycle(make: Callable[[nn.Module], torch.optim.Optimizer], steps: int):
-        net = copy.deepcopy(model)
-        return timing.training_step(net, make(net), loss_fn, X, y, steps), steps
-
-    cycles = {"sgd": cycle(lambda net: torch.optim.SGD(net.parameters(), **sgd), 10)}
+    makers = {"sgd": (lambda net: torch.optim.SGD(net.parameters(), **sgd), 10)}
     for kind in KFAC_KINDS:
         for T_cov, T_inv in KFAC_SETTINGS:
-            cycles[f"{kind} {T_cov}/{T_inv}"] = cycle(
+            makers[f"{kind} {T_cov}/{T_inv}"] = (
                 lambda net, kind=kind, T_cov=T_cov, T_inv=T_inv: KFAC(
                     net, loss_fn, T_cov=T_cov, T_inv=T_inv, **options(kind)
                 ),
                 T_inv,
             )
-    for run, _ in cycles.values():
-        run()  # warm-up, and the first factor and inverse update
-    step_s = timing.interleaved_medians(
-        {
-            key: (lambda run=run, n=n: timing.median_seconds(run, min_run_time=0.0) / n)
-            for key, (run, n) in cycles.items()
-        },
-        rounds,
-    )
+    step_s = _step_seconds(model, loss_fn, X, y, makers, rounds)
     sgd_s = step_s.pop("sgd")
 
     shares, factors_s = {}, {}
@@ -270,6 +285,106 @@ def kfac_benchmark(
         step_s=step_s,
         shares=shares,
         factors_s=factors_s,
+        environment=timing.environment(device),
+    )
+
+
+Architecture = Literal["cnn", "transformer"]
+ARCHITECTURE_BATCH = {"cnn": 256, "transformer": 8}
+ARCHITECTURE_PERIODS = (1, 10)  # (T_cov, T_inv)
+APPROXIMATIONS = ("expand", "reduce")
+
+
+@dataclass(frozen=True)
+class ArchitectureBenchmark:
+    """K-FAC step times (Monte-Carlo Fisher, factored damping, T_cov/T_inv = 1/10, amortised
+    over a ``T_inv`` cycle) against SGD's, both with momentum 0.9; seconds, medians."""
+
+    model: str
+    parameters: int
+    batch: int
+    positions: int  # tokens per example (transformer) or 8 x 8 pixels (cnn)
+    dtype: str
+    rounds: int
+    sgd_s: float
+    step_s: dict[str, float]  # keyed by approximation
+    environment: dict[str, object] = field(default_factory=dict)
+
+    def report(self) -> str:
+        lines = [
+            f"K-FAC step / SGD step, {self.model} ({self.parameters} parameters), batch "
+            f"{self.batch} x {self.positions} positions, {self.dtype}, on "
+            f"{self.environment.get('device')}; medians of {self.rounds} interleaved rounds",
+            f"  SGD (momentum 0.9)                  {1e3 * self.sgd_s:8.1f} ms/step",
+        ]
+        T_cov, T_inv = ARCHITECTURE_PERIODS
+        for approximation, seconds in self.step_s.items():
+            lines.append(
+                f"  K-FAC-{approximation:6s} mc T_cov/T_inv {T_cov}/{T_inv}  "
+                f"{1e3 * seconds:8.1f} ms/step {seconds / self.sgd_s:6.2f}x SGD"
+            )
+        return "\n".join(lines)
+
+
+def architecture_problem(
+    name: Architecture, batch: int, device: torch.device, **model_options: int
+) -> tuple[nn.Module, Tensor, Tensor, nn.Module, int]:
+    """``(model, X, y, loss_fn, positions)`` in float32: :func:`natlib.problems.digits_cnn` on
+    the first ``batch`` training digits, or :func:`natlib.language.transformer` (default: about
+    :math:`10^6` parameters, context 128) on ``batch`` windows of the standard library."""
+    if name == "cnn":
+        data = problems.digits(dtype=torch.float32, device=device)
+        model = problems.digits_cnn(seed=0, **model_options).to(device)
+        return model, data.X_train[:batch], data.y_train[:batch], data.loss_fn, 64
+    if name != "transformer":
+        raise ValueError(f"model {name!r} is not supported; use 'cnn' or 'transformer'.")
+    model = language.transformer(seed=0, **model_options).to(device)
+    context = model.context
+    data = language.stdlib_chars(context, train_chars=(batch + 1) * context, test_chars=1)
+    X, y = data.X_train[:batch].to(device), data.y_train[:batch].flatten().to(device)
+    return model, X, y, data.loss_fn, context
+
+
+def architecture_benchmark(
+    name: Architecture,
+    rounds: int = 3,
+    batch: int | None = None,
+    device: str | torch.device | None = None,
+    **model_options: int,
+) -> ArchitectureBenchmark:
+    """Time :class:`natlib.optim.KFAC` with K-FAC-expand and K-FAC-reduce against
+    ``torch.optim.SGD`` on the CNN or the transformer of :func:`architecture_problem`
+    (``unsupported="gradient"``: LayerNorm and Embedding take gradient steps), like
+    :func:`kfac_benchmark`: one model copy per configuration, interleaved rounds."""
+    device = timing.resolve_device(device)
+    batch = batch or ARCHITECTURE_BATCH[name]
+    model, X, y, loss_fn, positions = architecture_problem(name, batch, device, **model_options)
+    sgd = {"lr": 1e-3, "momentum": 0.9}
+    T_cov, T_inv = ARCHITECTURE_PERIODS
+    kfac = {**sgd, "damping": 1e-3, "kl_clip": 1e-3, "kind": "mc", "T_cov": T_cov}
+    makers = {"sgd": (lambda net: torch.optim.SGD(net.parameters(), **sgd), T_inv)}
+    for approximation in APPROXIMATIONS:
+        makers[approximation] = (
+            lambda net, approximation=approximation: KFAC(
+                net,
+                loss_fn,
+                T_inv=T_inv,
+                approximation=approximation,
+                unsupported="gradient",
+                **kfac,
+            ),
+            T_inv,
+        )
+    step_s = _step_seconds(model, loss_fn, X, y, makers, rounds)
+    return ArchitectureBenchmark(
+        model=name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        batch=batch,
+        positions=positions,
+        dtype="float32",
+        rounds=rounds,
+        sgd_s=step_s.pop("sgd"),
+        step_s=step_s,
         environment=timing.environment(device),
     )
 

@@ -19,6 +19,16 @@ factors) and the batch's layer inputs and output gradients. As a running estimat
 batch on the current basis), and :meth:`~EKFACApproximation.refresh` recomputes the basis from
 the averaged factors; the scalings belong to one basis, so they restart from the last batch
 projected on the new one.
+
+Layers that share their weight over :math:`R` positions (``nn.Conv2d``, ``nn.Linear`` on
+``(N, ..., d_in)``; :mod:`natlib.factors`) have the per-example gradients
+:math:`\sum_r g_{nrk} \bar a_{nr}^\top`; the scalings are their squared projections,
+:math:`s_{ij} = \sum_{nk} \big(Q_G^\top (\sum_r g_{nrk} \bar a_{nr}^\top) Q_A\big)_{ij}^2`,
+again the diagonal of the exact block in K-FAC's basis (K-FAC-expand's or K-FAC-reduce's).
+That needs one gradient per example: a weight-shared layer whose model returns a different
+number of output rows than the layer sees examples (the character transformer's
+``(N T, V)`` logits) is a ``ValueError``, since the cotangents of the ``T`` rows of one
+example are back-propagated together. EK-FAC has no ``unsupported="gradient"`` fallback.
 """
 
 from __future__ import annotations
@@ -30,23 +40,46 @@ import torch
 from torch import Tensor, nn
 
 from natlib import costmodel
-from natlib.checks import check_finite, check_positive, check_unit_interval
-from natlib.factors import Recorder, factors_of, homogeneous, raw_cotangents
+from natlib.checks import check_choice, check_finite, check_positive, check_unit_interval
+from natlib.factors import Approximation, Recorder, factors_of, homogeneous, raw_cotangents
 from natlib.interface import Flops, RunningCurvature
 from natlib.kfac import KFACApproximation, KFACWatcher
 from natlib.layout import LinearLayer, ParamLayout
 from natlib.linalg import EigenInverse, eigh
 from natlib.losses import FisherKind, likelihood
 
-Samples = dict[str, tuple[Tensor, Tensor]]  # layer -> (a_bar (N, d_A), g (K, N, d_G))
+# layer -> (a_bar (N, R, d_A), g (K, N, R, d_G)); R = 1 for a Linear on (N, d_in)
+Samples = dict[str, tuple[Tensor, Tensor]]
 
 
 def scalings(basis: tuple[Tensor, Tensor], a_bar: Tensor, g: Tensor) -> Tensor:
-    r""":math:`s_{ij} = \sum_{nk} (Q_G^\top g_{nk})_i^2 (Q_A^\top \bar a_n)_j^2`, ``(d_G, d_A)``,
-    for the basis :math:`(Q_A, Q_G)`, inputs ``a_bar`` ``(N, d_A)``, gradients ``g``
-    ``(K, N, d_G)``."""
+    r""":math:`s_{ij} = \sum_{nk} \big(Q_G^\top (\sum_r g_{nrk} \bar a_{nr}^\top)
+    Q_A\big)_{ij}^2`, ``(d_G, d_A)``, for the basis :math:`(Q_A, Q_G)`, inputs ``a_bar``
+    ``(N, R, d_A)`` and gradients ``g`` ``(K, N, R, d_G)`` (or ``(N, d_A)`` and
+    ``(K, N, d_G)``). With one position it is
+    :math:`\sum_{nk} (Q_G^\top g_{nk})_i^2 (Q_A^\top \bar a_n)_j^2`."""
     QA, QG = basis
-    return torch.einsum("knd,na->da", (g @ QG).square(), (a_bar @ QA).square())
+    if a_bar.ndim == 3 and a_bar.shape[1] == 1:
+        a_bar, g = a_bar[:, 0], g[:, :, 0]
+    if a_bar.ndim == 2:
+        return torch.einsum("knd,na->da", (g @ QG).square(), (a_bar @ QA).square())
+    projected = torch.einsum("knrd,nra->knda", g @ QG, a_bar @ QA)
+    return projected.square().sum((0, 1))
+
+
+def check_examples(layers: tuple[LinearLayer, ...], samples: Samples, rows: int) -> None:
+    """Raise ``ValueError`` for a weight-shared layer when the model's output has ``rows``
+    rows, not one per example of the layer's input: its per-example gradients are not
+    separable then."""
+    for layer in layers:
+        a_bar = samples[layer.name][0]
+        if a_bar.ndim == 3 and a_bar.shape[1] > 1 and a_bar.shape[0] != rows:
+            raise ValueError(
+                f"layer {layer.name!r} shares its weight over {a_bar.shape[1]} positions of "
+                f"{a_bar.shape[0]} examples, but the model returns {rows} output rows; EK-FAC "
+                "needs one output row per example for a weight-shared layer (nn.Linear on "
+                "(N, ..., d_in), nn.Conv2d), or layers applied to (N, d_in) rows."
+            )
 
 
 class EKFACApproximation(RunningCurvature):
@@ -62,6 +95,11 @@ class EKFACApproximation(RunningCurvature):
     """
 
     def __init__(self, kfac: KFACApproximation, samples: Samples) -> None:
+        if kfac.fallback:
+            raise ValueError(
+                f"EK-FAC supports only Kronecker layers, not the identity blocks of "
+                f"{[block.name for block in kfac.fallback]} (K-FAC's unsupported='gradient')."
+            )
         self.kfac = kfac
         self.layout = kfac.layout
         self.samples = samples
@@ -90,14 +128,22 @@ class EKFACApproximation(RunningCurvature):
 
     @classmethod
     def of_statistics(
-        cls, kfac: KFACApproximation, inputs: dict[str, Tensor], gradients: dict[str, Tensor]
+        cls,
+        kfac: KFACApproximation,
+        inputs: dict[str, Tensor],
+        gradients: dict[str, Tensor],
+        rows: int | None = None,
     ) -> EKFACApproximation:
-        """From K-FAC's factors, the layers' inputs ``(N, d_in)`` and their output gradients
-        ``(K, N, d_out)`` (reduction factor included, as in K-FAC's :math:`G`)."""
+        """From K-FAC's factors, the layers' input positions ``(N, R, d_in)`` (or ``(N, d_in)``)
+        and their output gradients ``(K, N, R, d_out)`` (or ``(K, N, d_out)``; reduction factor
+        included, as in K-FAC's :math:`G`); ``rows``, the model's output rows, is checked
+        against ``N`` for weight-shared layers (:func:`check_examples`)."""
         samples = {
             layer.name: (homogeneous(inputs[layer.name], layer.bias), gradients[layer.name])
             for layer in kfac.layers
         }
+        if rows is not None:
+            check_examples(kfac.layers, samples, rows)
         return cls(kfac, samples)
 
     @classmethod
@@ -111,16 +157,21 @@ class EKFACApproximation(RunningCurvature):
         kind: FisherKind = "exact",
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        approximation: Approximation = "expand",
     ) -> EKFACApproximation:
-        """EK-FAC of every ``nn.Linear`` layer on the batch (arguments as
-        :meth:`natlib.kfac.KFACApproximation.from_batch`).
+        """EK-FAC of every ``nn.Linear`` and ``nn.Conv2d`` layer on the batch (arguments as
+        :meth:`natlib.kfac.KFACApproximation.from_batch`; ``approximation`` picks the
+        basis of weight-shared layers).
 
         Raises:
-            ValueError: for unsupported layers, losses or ``kind``, missing labels, or NaN/Inf.
+            ValueError: for unsupported layers, losses or ``kind``, missing labels, NaN/Inf,
+                or a weight-shared layer without one output row per example.
         """
         lik = likelihood(loss_fn)
-        layout = ParamLayout.of(model, linear_only=True)
-        recorder = Recorder(layout.blocks)  # type: ignore[arg-type]
+        check_choice("approximation", approximation, Approximation)
+        layout = ParamLayout.of(model, kronecker=True)
+        layers: list[LinearLayer] = list(layout.blocks)  # type: ignore[arg-type]
+        recorder = Recorder(layers, approximation)
         try:
             with torch.enable_grad():
                 recorder.start()
@@ -131,10 +182,20 @@ class EKFACApproximation(RunningCurvature):
         finally:
             recorder.remove()
         A = recorder.input_factors()
-        G = factors_of(layout.blocks, grads)  # type: ignore[arg-type]
-        factors = {layer.name: (A[layer.name], G[layer.name]) for layer in layout.blocks}
-        kfac = KFACApproximation(layout, factors, X.shape[0], cotangents.shape[0], kind, "exact")
-        return cls.of_statistics(kfac, recorder.inputs, grads)
+        G = factors_of(layers, grads, approximation)
+        factors = {layer.name: (A[layer.name], G[layer.name]) for layer in layers}
+        kfac = KFACApproximation(
+            layout,
+            factors,
+            X.shape[0],
+            cotangents.shape[0],
+            kind,
+            "exact",
+            approximation,
+            recorder.positions(),
+        )
+        rows = lik.output_matrix(raw).shape[0]
+        return cls.of_statistics(kfac, recorder.inputs, grads, rows)
 
     @classmethod
     def watch(
@@ -145,8 +206,11 @@ class EKFACApproximation(RunningCurvature):
         kind: FisherKind = "exact",
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
+        approximation: Approximation = "expand",
     ) -> EKFACWatcher:
-        return EKFACWatcher(model, loss_fn, kind, mc_samples, generator, "exact")
+        return EKFACWatcher(
+            model, loss_fn, kind, mc_samples, generator, "exact", approximation, "error"
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -193,17 +257,20 @@ class EKFACApproximation(RunningCurvature):
     def update(self, batch: RunningCurvature, decay: float) -> None:
         r"""K-FAC's factors averaged (:meth:`natlib.kfac.KFACApproximation.update`) and
         :math:`S \leftarrow \varepsilon S + (1 - \varepsilon) S_\text{batch}`, with the batch's
-        gradients projected on this object's current basis."""
+        gradients projected on this object's current basis. New tensors replace the old ones,
+        so a failure changes nothing."""
         if not isinstance(batch, EKFACApproximation) or batch.settings() != self.settings():
             raise ValueError("update needs an EK-FAC estimate of the same model and settings.")
         check_unit_interval("ema_decay", decay)
-        self.kfac.update(batch.kfac, decay)
+        averaged = {}
         for layer in self.layers:
             new = scalings(self.basis[layer.name], *batch.samples[layer.name])
-            S = self.scalings[layer.name]
-            self.scalings[layer.name] = S.mul_(decay).add_(new, alpha=1.0 - decay) if decay else new
-            check_finite(self.scalings[layer.name], f"the running scalings of layer {layer.name!r}")
-        self.samples = batch.samples
+            if decay:
+                new = self.scalings[layer.name].mul(decay).add_(new, alpha=1.0 - decay)
+            check_finite(new, f"the running scalings of layer {layer.name!r}")
+            averaged[layer.name] = new
+        self.kfac.update(batch.kfac, decay)  # new factors too, none written in place
+        self.scalings, self.samples = averaged, batch.samples
 
     def refresh(self, damping: float) -> None:
         """Recompute the eigenbases from the averaged factors and re-fit the scalings to the
@@ -235,9 +302,10 @@ class EKFACApproximation(RunningCurvature):
         n, k = self.kfac.batch_size, self.kfac.num_cotangents
         update = self.kfac.flops.update
         update += sum(
-            costmodel.kronecker_factor_flops(layer.d_a, layer.d_out, n, k)
-            + 2 * n * k * layer.d_out * layer.d_a
+            costmodel.kronecker_factor_flops(layer.d_a, layer.d_out, n * r, k)
+            + 2 * n * k * r * layer.d_out * layer.d_a
             for layer in self.layers
+            for r in [self.kfac.positions[layer.name]]
         )
         refresh, solve = costmodel.kronecker_layers_flops(
             [(layer.d_a, layer.d_out) for layer in self.layers], "exact"
@@ -284,4 +352,4 @@ class EKFACWatcher(KFACWatcher):
         kfac = self._kfac(pending)
         root = math.sqrt(pending["scale"])  # the loss's own backward carries r, not sqrt(r)
         gradients = {name: g / root for name, g in pending["g"].items()}
-        return EKFACApproximation.of_statistics(kfac, pending["a"], gradients)
+        return EKFACApproximation.of_statistics(kfac, pending["a"], gradients, pending["rows"])

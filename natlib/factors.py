@@ -1,27 +1,61 @@
-r"""Kronecker-factor statistics of ``nn.Linear`` layers, recorded from a forward pass.
+r"""Kronecker-factor statistics of linear layers with weight sharing, from a forward pass.
 
 For a layer with inputs :math:`a_n` and output gradients :math:`g_{nk}` (one per output
 cotangent :math:`b_{nk}`), K-FAC's factors are
 :math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top` and :math:`G = \sum_{nk} g_{nk} g_{nk}^\top`
 (Martens & Grosse, 2015, §3); :class:`Recorder` keeps the inputs and outputs it needs.
+
+A layer may share its weight over :math:`R` positions per example: an ``nn.Linear`` on inputs
+``(N, ..., d_in)`` (tokens of a sequence, :math:`R` the product of the middle dimensions), or
+an ``nn.Conv2d``, a linear layer on the :math:`R = L` patches that
+``torch.nn.functional.unfold`` cuts (Grosse & Martens, 2016). Example :math:`n`'s weight
+gradient is then :math:`\sum_r g_{nrk} \bar a_{nr}^\top`, and Eschenhagen et al. (2023, §3)
+give two Kronecker approximations (:data:`Approximation`):
+
+- ``"expand"`` treats the :math:`NR` positions as examples:
+  :math:`A = \frac{1}{NR} \sum_{nr} \bar a_{nr} \bar a_{nr}^\top`,
+  :math:`G = \sum_{nrk} g_{nrk} g_{nrk}^\top`. Exact for deep linear networks with
+  ``MSELoss`` that apply every layer position by position and put the loss on every position
+  (the *expand* setting: a sequence model's per-token loss), as for the plain K-FAC
+  (their Prop. 1); for a Conv2d it is KFC (Grosse & Martens, 2016, §3.1), whose
+  :math:`\Omega = \mathbb{E}[\sum_t \bar a_t \bar a_t^\top]` sums over the locations and
+  :math:`\Gamma = \frac1L \mathbb{E}[\sum_t g_t g_t^\top]` averages; here the factor
+  :math:`L` sits in :math:`G` instead, which changes neither :math:`A \otimes G` nor its
+  damped inverses.
+- ``"reduce"`` averages the inputs and sums the output gradients over the positions first:
+  :math:`\hat a_n = \frac1R \sum_r \bar a_{nr}`, :math:`\hat g_{nk} = \sum_r g_{nrk}`,
+  :math:`A = \frac1N \sum_n \hat a_n \hat a_n^\top`,
+  :math:`G = \sum_{nk} \hat g_{nk} \hat g_{nk}^\top`. When :math:`g_{nrk}` does not depend on
+  :math:`r`, the gradient is exactly :math:`\hat g_{nk} \hat a_n^\top`; so it is exact for
+  deep linear networks with ``MSELoss`` whose positions are averaged (or summed) after the
+  weight-shared layers and before the loss (the *reduce* setting: a pooled classifier), and
+  for one example in that setting (their Prop. 2). It costs :math:`N` rows instead of
+  :math:`NR`.
+
+With :math:`R = 1` (``nn.Linear`` on ``(N, d_in)``) both are the plain K-FAC, computed as
+before from the same rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from natlib import hooks
 from natlib.checks import check_finite
-from natlib.layout import LinearLayer
+from natlib.layout import Conv2dLayer, LinearLayer
 from natlib.losses import FisherKind, Likelihood
+
+Approximation = Literal["expand", "reduce"]
 
 
 def homogeneous(a: Tensor, bias: bool) -> Tensor:
-    r"""The inputs :math:`\bar a_n = (a_n, 1)` with a bias, :math:`a_n` without, ``(N, d_A)``."""
-    return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if bias else a
+    r"""The inputs :math:`\bar a = (a, 1)` with a bias, :math:`a` without: ``(..., d_A)`` from
+    ``(..., d_in)`` (``(N, d_in)`` rows or ``(N, R, d_in)`` positions)."""
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if bias else a
 
 
 def input_factor(a: Tensor, bias: bool) -> Tensor:
@@ -35,15 +69,51 @@ def gradient_factor(g: Tensor) -> Tensor:
     return g.T @ g
 
 
-class Recorder:
-    """Forward hooks that keep each ``nn.Linear`` layer's input and output while active."""
+def input_positions(layer: LinearLayer, x: Tensor) -> Tensor:
+    """A layer's input as ``(N, R, d_in)``: its patches for a Conv2d (``unfold``, channel-major
+    like the flattened weight), the middle dimensions of ``(N, ..., d_in)`` for a Linear."""
+    if isinstance(layer, Conv2dLayer):
+        patches = nn.functional.unfold(
+            x, layer.kernel_size, layer.dilation, layer.padding, layer.stride
+        )
+        return patches.transpose(1, 2)
+    return x.reshape(x.shape[0], -1, layer.d_in)
 
-    def __init__(self, layers: Sequence[LinearLayer]) -> None:
+
+def output_positions(layer: LinearLayer, g: Tensor, positions: int) -> Tensor:
+    """A layer's output gradient, ``(..., N, *S, d_out)`` or ``(..., N, C_out, H, W)`` for a
+    Conv2d, as ``(M, R, d_out)`` with ``R = positions``."""
+    if isinstance(layer, Conv2dLayer):
+        g = g.flatten(-2).transpose(-1, -2)
+    return g.reshape(-1, positions, layer.d_out)
+
+
+def shared_input_factor(a: Tensor, bias: bool, approximation: Approximation) -> Tensor:
+    r""":math:`A` of inputs ``(N, R, d_in)``: over the :math:`NR` rows (``"expand"``) or the
+    :math:`N` position means (``"reduce"``)."""
+    rows = a.mean(1) if approximation == "reduce" else a.reshape(-1, a.shape[-1])
+    return input_factor(rows, bias)
+
+
+def shared_gradient_factor(g: Tensor, approximation: Approximation) -> Tensor:
+    r""":math:`G` of output gradients ``(M, R, d_out)``: over all rows (``"expand"``) or the
+    sums over positions (``"reduce"``)."""
+    rows = g.sum(1) if approximation == "reduce" else g.reshape(-1, g.shape[-1])
+    return gradient_factor(rows)
+
+
+class Recorder:
+    """Forward hooks that keep each layer's input positions ``(N, R, d_in)`` and output while
+    active, and form the factors of ``approximation``."""
+
+    def __init__(self, layers: Sequence[LinearLayer], approximation: Approximation) -> None:
         self.layers = list(layers)
+        self.approximation = approximation
         self.inputs: dict[str, Tensor] = {}
         self.outputs: dict[str, Tensor] = {}
         self.active = False
         self._names = {id(layer.module): layer.name for layer in self.layers}
+        self._layers = {layer.name: layer for layer in self.layers}
         self._handles = [hooks.register(layer.module, self, "_record") for layer in self.layers]
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -53,14 +123,16 @@ class Recorder:
         if name in self.inputs:
             raise ValueError(
                 f"layer {name!r} ran twice in one forward pass; K-FAC here supports each "
-                "nn.Linear applied once."
+                "layer applied once."
             )
-        if args[0].ndim != 2:
+        x, conv = args[0], isinstance(module, nn.Conv2d)
+        if (conv and x.ndim != 4) or x.ndim < 2:
+            expected = "(N, C, H, W)" if conv else "(N, ..., d_in)"
             raise ValueError(
-                f"layer {name!r} got input of shape {tuple(args[0].shape)}; K-FAC here "
-                "supports (N, d_in) inputs."
+                f"layer {name!r} got input of shape {tuple(x.shape)}; K-FAC here supports "
+                f"batched inputs {expected}."
             )
-        self.inputs[name] = args[0].detach()
+        self.inputs[name] = input_positions(self._layers[name], x.detach())
         self.outputs[name] = output
 
     def start(self) -> None:
@@ -76,17 +148,23 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
 
+    def positions(self) -> dict[str, int]:
+        """R, the positions each layer shares its weight over, in the recorded pass."""
+        return {name: a.shape[1] for name, a in self.inputs.items()}
+
     def input_factors(self) -> dict[str, Tensor]:
-        r""":math:`A = \frac1N \sum_n \bar a_n \bar a_n^\top` for every layer."""
+        r""":math:`A` of every layer (:func:`shared_input_factor`)."""
         return {
-            layer.name: input_factor(self.inputs[layer.name], layer.bias) for layer in self.layers
+            layer.name: shared_input_factor(self.inputs[layer.name], layer.bias, self.approximation)
+            for layer in self.layers
         }
 
     def output_gradients(
         self, output: Tensor, cotangents: Tensor, retain_graph: bool = False
     ) -> dict[str, Tensor]:
-        r"""The output gradients :math:`g_{nk}`, ``(K, N, d_out)`` per layer, by one backward
-        pass of the cotangents, shape ``(K, *output.shape)``, vectorised over k."""
+        r"""The output gradients :math:`g_{nrk}`, ``(K, N, R, d_out)`` per layer (positions as
+        in :attr:`inputs`), by one backward pass of the cotangents, shape
+        ``(K, *output.shape)``, vectorised over k."""
         outputs = [self.outputs[layer.name] for layer in self.layers]
         batched = cotangents.shape[0] > 1
         grads = torch.autograd.grad(
@@ -97,22 +175,36 @@ class Recorder:
             is_grads_batched=batched,
             materialize_grads=True,
         )
+        positions = self.positions()
         return {
-            layer.name: g.reshape(cotangents.shape[0], -1, layer.d_out)
+            layer.name: self.gradient_positions(layer, g, cotangents.shape[0], positions)
             for layer, g in zip(self.layers, grads)
         }
+
+    def gradient_positions(
+        self, layer: LinearLayer, g: Tensor, num_cotangents: int, positions: dict[str, int]
+    ) -> Tensor:
+        """``layer``'s output gradient (for ``num_cotangents`` cotangents, stacked first or
+        not) as ``(K, N, R, d_out)`` (:func:`output_positions`)."""
+        rows = output_positions(layer, g, positions[layer.name])
+        return rows.reshape(num_cotangents, -1, *rows.shape[1:])
 
     def gradient_factors(
         self, output: Tensor, cotangents: Tensor, retain_graph: bool = False
     ) -> dict[str, Tensor]:
-        r""":math:`G = \sum_{nk} g_{nk} g_{nk}^\top` from :meth:`output_gradients`."""
-        return factors_of(self.layers, self.output_gradients(output, cotangents, retain_graph))
+        r""":math:`G` of every layer (:func:`shared_gradient_factor`) from
+        :meth:`output_gradients`."""
+        grads = self.output_gradients(output, cotangents, retain_graph)
+        return factors_of(self.layers, grads, self.approximation)
 
 
-def factors_of(layers: Sequence[LinearLayer], grads: dict[str, Tensor]) -> dict[str, Tensor]:
-    r""":math:`G = \sum_{nk} g_{nk} g_{nk}^\top` of output gradients ``(K, N, d_out)``."""
+def factors_of(
+    layers: Sequence[LinearLayer], grads: dict[str, Tensor], approximation: Approximation
+) -> dict[str, Tensor]:
+    r""":math:`G` (:func:`shared_gradient_factor`) of output gradients ``(K, N, R, d_out)``."""
     return {
-        layer.name: gradient_factor(grads[layer.name].reshape(-1, layer.d_out)) for layer in layers
+        layer.name: shared_gradient_factor(grads[layer.name].flatten(0, 1), approximation)
+        for layer in layers
     }
 
 

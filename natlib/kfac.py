@@ -1,4 +1,4 @@
-r"""Kronecker-factored approximate curvature (K-FAC) for networks of ``nn.Linear`` layers.
+r"""Kronecker-factored approximate curvature (K-FAC) for ``nn.Linear`` and ``nn.Conv2d`` layers.
 
 A linear layer :math:`s = W a + b` (weight :math:`d_\text{out} \times d_\text{in}`) has, for
 example :math:`n` and an output cotangent :math:`k`, the weight gradient
@@ -16,6 +16,13 @@ K-FAC replaces it by :math:`A \otimes G` with
 :math:`g_{nk}` does not depend on n). PyTorch flattens weights row-major, where the same block
 reads :math:`G \otimes A`; :meth:`KFACApproximation.to_dense` permutes it into
 ``parameters_to_vector`` order.
+
+Layers that share their weight over positions (a Linear on ``(N, T, d_in)``, a Conv2d over
+its output locations) use K-FAC-expand or K-FAC-reduce (``approximation``, see
+:mod:`natlib.factors` for the formulas and their exact cases). Other modules with parameters
+are an error, or, with ``unsupported="gradient"``, get the identity block: their step is the
+plain gradient step :math:`\eta g / (1 + \lambda)` (LayerNorm and Embedding in
+:func:`natlib.language.transformer`).
 """
 
 from __future__ import annotations
@@ -34,15 +41,9 @@ from natlib.checks import (
     check_positive_int,
     check_unit_interval,
 )
-from natlib.factors import (
-    Recorder,
-    average_pairs,
-    factors_of,
-    gradient_factor,
-    raw_cotangents,
-)
+from natlib.factors import Approximation, Recorder, average_pairs, factors_of, raw_cotangents
 from natlib.interface import Flops, RunningCurvature, Watcher
-from natlib.layout import LinearLayer, ParamLayout
+from natlib.layout import Block, LinearLayer, ParamLayout, Unsupported
 from natlib.linalg import (
     DampingMode,
     Eigen,
@@ -56,16 +57,19 @@ from natlib.losses import FisherKind, likelihood
 
 
 class KFACApproximation(RunningCurvature):
-    r"""The block-diagonal K-FAC approximation :math:`\mathrm{diag}_l(A_l \otimes G_l)`.
+    r"""The block-diagonal K-FAC approximation :math:`\mathrm{diag}_l(A_l \otimes G_l)`, with
+    the identity for the blocks of unsupported modules kept by ``unsupported="gradient"``.
 
     Its damped inverse is cached by :meth:`refresh` in ``damping_mode`` ``"exact"``
     (:class:`natlib.linalg.EigenInverse`) or factored ``"pi"``
     (:class:`natlib.linalg.FactoredInverse`).
 
     Attributes:
-        layout: the model's parameter layout; its ``blocks`` are the ``nn.Linear`` layers.
+        layout: the model's parameter layout (``ParamLayout.of(model, kronecker=True)``).
         factors: ``{layer name: (A, G)}``.
+        approximation: ``"expand"`` or ``"reduce"`` (:mod:`natlib.factors`).
         batch_size, num_cotangents: N and K of the (last) batch the factors come from.
+        positions: ``{layer name: R}``, the positions each layer shared its weight over.
         eigen: ``{layer name: (eigen of A, eigen of G)}`` at the last refresh.
     """
 
@@ -77,14 +81,23 @@ class KFACApproximation(RunningCurvature):
         num_cotangents: int,
         kind: FisherKind = "exact",
         damping_mode: DampingMode = "pi",
+        approximation: Approximation = "expand",
+        positions: dict[str, int] | None = None,
     ) -> None:
         check_choice("Fisher kind", kind, FisherKind)
         check_choice("damping mode", damping_mode, DampingMode)
-        if not all(isinstance(layer, LinearLayer) for layer in layout.blocks):
+        check_choice("approximation", approximation, Approximation)
+        self.layout = layout
+        if not self.layers:
             raise ValueError(
-                "K-FAC needs a layout of nn.Linear layers: ParamLayout.of(model, True)."
+                "K-FAC needs a layout with Kronecker layers: ParamLayout.of(model, kronecker=True)."
             )
-        for layer in layout.blocks:
+        if set(factors) != {layer.name for layer in self.layers}:
+            raise ValueError(
+                f"K-FAC factors cover layers {sorted(factors)}, the layout has "
+                f"{[layer.name for layer in self.layers]}."
+            )
+        for layer in self.layers:
             A, G = factors[layer.name]
             if A.shape != (layer.d_a, layer.d_a) or G.shape != (layer.d_out, layer.d_out):
                 raise ValueError(
@@ -94,17 +107,23 @@ class KFACApproximation(RunningCurvature):
                 )
             check_finite(A, f"factor A of layer {layer.name!r}")
             check_finite(G, f"factor G of layer {layer.name!r}")
-        self.layout = layout
         self.factors = factors
         self.batch_size, self.num_cotangents = batch_size, num_cotangents
-        self.kind, self.damping_mode = kind, damping_mode
+        self.positions = positions or {layer.name: 1 for layer in self.layers}
+        self.kind, self.damping_mode, self.approximation = kind, damping_mode, approximation
         self.eigen: dict[str, tuple[Eigen, Eigen]] = {}
         self._inverse: dict[str, KroneckerInverse] = {}
         self._damping: float | None = None
 
     @property
     def layers(self) -> tuple[LinearLayer, ...]:
-        return self.layout.blocks  # type: ignore[return-value]
+        """The Kronecker-factored blocks."""
+        return tuple(b for b in self.layout.blocks if isinstance(b, LinearLayer))
+
+    @property
+    def fallback(self) -> tuple[Block, ...]:
+        """The blocks of unsupported modules, whose curvature block is the identity."""
+        return tuple(b for b in self.layout.blocks if not isinstance(b, LinearLayer))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -128,14 +147,19 @@ class KFACApproximation(RunningCurvature):
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
         damping_mode: DampingMode = "pi",
+        approximation: Approximation = "expand",
+        unsupported: Unsupported = "error",
     ) -> KFACApproximation:
-        r"""K-FAC factors of every ``nn.Linear`` layer on the batch ``X``.
+        r"""K-FAC factors of every ``nn.Linear`` and ``nn.Conv2d`` layer on the batch ``X``.
 
         Args:
             kind: ``"exact"`` (the type-2 Fisher: exact output-space Fisher through the loss
                 Hessian's square root), ``"mc"`` (``mc_samples`` targets drawn from the model
                 per example, with ``generator``) or ``"empirical"`` (the data labels ``y``).
             damping_mode: how :meth:`solve` damps, ``"exact"`` or factored ``"pi"``.
+            approximation: for weight-shared layers, ``"expand"`` or ``"reduce"``.
+            unsupported: ``"error"``, or ``"gradient"`` for identity blocks on the parameters of
+                modules K-FAC does not support.
 
         Raises:
             TypeError: if ``X`` or ``y`` is not a tensor or the model does not return one.
@@ -144,9 +168,10 @@ class KFACApproximation(RunningCurvature):
                 mode (checked before the forward pass), or NaN/Inf in outputs or factors.
         """
         lik = likelihood(loss_fn)  # the kind is checked with the cotangents
-        layout = ParamLayout.of(model, linear_only=True)
+        check_choice("approximation", approximation, Approximation)
+        layout = ParamLayout.of(model, kronecker=True, unsupported=unsupported)
         check_batch(model, X, y)
-        recorder = Recorder(layout.blocks)  # type: ignore[arg-type]
+        recorder = Recorder([b for b in layout.blocks if isinstance(b, LinearLayer)], approximation)
         try:
             with torch.enable_grad():
                 recorder.start()
@@ -157,8 +182,17 @@ class KFACApproximation(RunningCurvature):
                 A = recorder.input_factors()
         finally:
             recorder.remove()
-        factors = {layer.name: (A[layer.name], G[layer.name]) for layer in layout.blocks}
-        return cls(layout, factors, X.shape[0], cotangents.shape[0], kind, damping_mode)
+        factors = {layer.name: (A[layer.name], G[layer.name]) for layer in recorder.layers}
+        return cls(
+            layout,
+            factors,
+            X.shape[0],
+            cotangents.shape[0],
+            kind,
+            damping_mode,
+            approximation,
+            recorder.positions(),
+        )
 
     @classmethod
     def watch(
@@ -170,27 +204,38 @@ class KFACApproximation(RunningCurvature):
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
         damping_mode: DampingMode = "pi",
+        approximation: Approximation = "expand",
+        unsupported: Unsupported = "error",
     ) -> KFACWatcher:
         """A :class:`KFACWatcher` on ``model``."""
-        return KFACWatcher(model, loss_fn, kind, mc_samples, generator, damping_mode)
+        return KFACWatcher(
+            model, loss_fn, kind, mc_samples, generator, damping_mode, approximation, unsupported
+        )
 
     # ------------------------------------------------------------------ the matrix
 
     def matvec(self, v: Tensor) -> Tensor:
-        """:math:`(A \\otimes G) v` layer by layer: :math:`V \\mapsto G V A`."""
+        """:math:`(A \\otimes G) v` layer by layer: :math:`V \\mapsto G V A` (the identity on
+        :attr:`fallback` blocks)."""
         self.layout.check_vector(v)
         parts = []
-        for layer in self.layers:
-            A, G = self.factors[layer.name]
-            parts.append(layer.flat(G @ layer.matrix(v) @ A))
+        for block in self.layout.blocks:
+            if not isinstance(block, LinearLayer):
+                parts.append(v[block.slice])
+                continue
+            A, G = self.factors[block.name]
+            parts.append(block.flat(G @ block.matrix(v) @ A))
         return torch.cat(parts)
 
     def to_dense(self) -> Tensor:
         """The block-diagonal ``(P, P)`` matrix in ``parameters_to_vector`` order."""
         blocks = []
-        for layer in self.layers:
-            A, G = self.factors[layer.name]
-            order = layer.permutation(A.device)
+        for block in self.layout.blocks:
+            if not isinstance(block, LinearLayer):
+                blocks.append(torch.eye(block.numel, dtype=self.dtype, device=self.device))
+                continue
+            A, G = self.factors[block.name]
+            order = block.permutation(A.device)
             blocks.append(torch.kron(G, A)[order][:, order])
         return torch.block_diag(*blocks)
 
@@ -200,7 +245,12 @@ class KFACApproximation(RunningCurvature):
         self.layout.check_vector(v)
         self._ensure_inverse(damping)
         return torch.cat(
-            [layer.flat(self.apply_inverse(layer, layer.matrix(v))) for layer in self.layers]
+            [
+                block.flat(self.apply_inverse(block, block.matrix(v)))
+                if isinstance(block, LinearLayer)
+                else v[block.slice] / (1.0 + self._damping)
+                for block in self.layout.blocks
+            ]
         )
 
     def apply_inverse(self, layer: LinearLayer, V: Tensor) -> Tensor:
@@ -270,14 +320,21 @@ class KFACApproximation(RunningCurvature):
     @property
     def flops(self) -> Flops:
         """From :mod:`natlib.costmodel`."""
-        n, k = self.batch_size, self.num_cotangents
+        k = self.num_cotangents
         refresh, solve = costmodel.kronecker_layers_flops(
             [(layer.d_a, layer.d_out) for layer in self.layers], self.damping_mode
         )
         update = sum(
-            costmodel.kronecker_factor_flops(layer.d_a, layer.d_out, n, k) for layer in self.layers
+            costmodel.kronecker_factor_flops(layer.d_a, layer.d_out, self.rows(layer), k)
+            for layer in self.layers
         )
         return Flops(update=update, refresh=refresh, solve=solve)
+
+    def rows(self, layer: LinearLayer) -> int:
+        """Rows of ``layer``'s input statistics: NR (``"expand"``) or N (``"reduce"``)."""
+        if self.approximation == "reduce":
+            return self.batch_size
+        return self.batch_size * self.positions[layer.name]
 
     # ------------------------------------------------------------------ state
 
@@ -286,7 +343,9 @@ class KFACApproximation(RunningCurvature):
             "curvature": type(self).__name__,
             "kind": self.kind,
             "damping_mode": self.damping_mode,
+            "approximation": self.approximation,
             "layers": [(layer.name, layer.d_out, layer.d_a) for layer in self.layers],
+            "fallback": [block.name for block in self.fallback],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -294,6 +353,7 @@ class KFACApproximation(RunningCurvature):
             "settings": self.settings(),
             "factors": {name: (A.clone(), G.clone()) for name, (A, G) in self.factors.items()},
             "batch": (self.batch_size, self.num_cotangents),
+            "positions": dict(self.positions),
             "damping": self._damping,
             "inverse": {name: dict(vars(inv)) for name, inv in self._inverse.items()},
         }
@@ -303,14 +363,18 @@ class KFACApproximation(RunningCurvature):
         cls, model: nn.Module, loss_fn: nn.Module, state: dict[str, Any]
     ) -> KFACApproximation:
         settings = state["settings"]
-        layout = ParamLayout.of(model, linear_only=True)
+        unsupported = "gradient" if settings["fallback"] else "error"
+        layout = ParamLayout.of(model, kronecker=True, unsupported=unsupported)
         factors = {name: (A.clone(), G.clone()) for name, (A, G) in state["factors"].items()}
-        if set(factors) != {layer.name for layer in layout.blocks}:
-            raise ValueError(
-                f"the saved K-FAC state covers layers {sorted(factors)}, the model has "
-                f"{[layer.name for layer in layout.blocks]}."
-            )
-        out = cls(layout, factors, *state["batch"], settings["kind"], settings["damping_mode"])
+        out = cls(
+            layout,
+            factors,
+            *state["batch"],
+            settings["kind"],
+            settings["damping_mode"],
+            settings["approximation"],
+            dict(state["positions"]),
+        )
         if out.settings() != settings:
             raise ValueError(
                 f"the saved K-FAC state has settings {settings}, not {out.settings()}."
@@ -337,15 +401,19 @@ class KFACWatcher(Watcher):
         mc_samples: int,
         generator: torch.Generator | None,
         damping_mode: DampingMode,
+        approximation: Approximation,
+        unsupported: Unsupported,
     ) -> None:
         check_choice("Fisher kind", kind, FisherKind)
         check_choice("damping mode", damping_mode, DampingMode)
+        check_choice("approximation", approximation, Approximation)
         check_positive_int("mc_samples", mc_samples)
-        self.layout = ParamLayout.of(model, linear_only=True)
+        self.layout = ParamLayout.of(model, kronecker=True, unsupported=unsupported)
         self.likelihood = likelihood(loss_fn)
         self.kind, self.mc_samples, self.generator = kind, mc_samples, generator
         self.damping_mode = damping_mode
-        self.recorder = Recorder(self.layout.blocks)  # type: ignore[arg-type]
+        layers = [b for b in self.layout.blocks if isinstance(b, LinearLayer)]
+        self.recorder = Recorder(layers, approximation)
         self._pending: dict[str, Any] | None = None
 
     def start(self, inputs: tuple) -> None:
@@ -357,12 +425,15 @@ class KFACWatcher(Watcher):
             return
         recorder.stop()
         f = self.likelihood.output_matrix(output).detach()
-        # The layers' inputs "a" and output gradients "g" ((K, N, d_out), times sqrt(scale))
-        # stay for estimates that need per-example statistics (EK-FAC).
+        # The layers' input positions "a" ((N, R, d_in)) and output gradients "g"
+        # ((K, N, R, d_out), times sqrt(scale)) stay for estimates that need per-example
+        # statistics (EK-FAC); "rows" is the number of output rows the loss sees.
         pending: dict[str, Any] = {
             "A": recorder.input_factors(),
             "G": {},
-            "N": f.shape[0],
+            "N": next(iter(recorder.inputs.values())).shape[0],
+            "R": recorder.positions(),
+            "rows": f.shape[0],
             "a": recorder.inputs,
             "g": {},
             "scale": 1.0,
@@ -371,14 +442,17 @@ class KFACWatcher(Watcher):
             # G from the loss's own backward: its output gradient is r * grad l, so divide by r.
             r = self.likelihood.scale(f)
             for layer in self.recorder.layers:
-                recorder.outputs[layer.name].register_hook(_keep_gradient(layer, r, pending))
+                recorder.outputs[layer.name].register_hook(
+                    _keep_gradient(recorder, layer, r, pending)
+                )
             pending["K"], pending["scale"] = 1, r
         else:
             cotangents = raw_cotangents(
                 self.likelihood, output, self.kind, None, self.mc_samples, self.generator
             )
             grads = recorder.output_gradients(output, cotangents, retain_graph=True)
-            pending["G"], pending["g"] = factors_of(self.layout.blocks, grads), grads
+            pending["G"] = factors_of(recorder.layers, grads, recorder.approximation)
+            pending["g"] = grads
             pending["K"] = cotangents.shape[0]
         recorder.outputs = {}
         self._pending = pending
@@ -398,7 +472,7 @@ class KFACWatcher(Watcher):
 
     def _kfac(self, pending: dict[str, Any]) -> KFACApproximation:
         factors = {}
-        for layer in self.layout.blocks:
+        for layer in self.recorder.layers:
             if layer.name not in pending["G"]:
                 raise RuntimeError(
                     f"layer {layer.name!r} got no output gradient; kind='empirical' needs "
@@ -406,17 +480,27 @@ class KFACWatcher(Watcher):
                 )
             factors[layer.name] = (pending["A"][layer.name], pending["G"][layer.name])
         return KFACApproximation(
-            self.layout, factors, pending["N"], pending["K"], self.kind, self.damping_mode
+            self.layout,
+            factors,
+            pending["N"],
+            pending["K"],
+            self.kind,
+            self.damping_mode,
+            self.recorder.approximation,
+            pending["R"],
         )
 
     def remove(self) -> None:
         self.recorder.remove()
 
 
-def _keep_gradient(layer: LinearLayer, r: float, pending: dict[str, Any]):
+def _keep_gradient(recorder: Recorder, layer: LinearLayer, r: float, pending: dict[str, Any]):
     def hook(grad: Tensor) -> None:
-        pending["G"][layer.name] = gradient_factor(grad.detach()).div_(r)
-        pending["g"][layer.name] = grad.detach().unsqueeze(0)
+        g = recorder.gradient_positions(layer, grad.detach(), 1, pending["R"])
+        pending["G"][layer.name] = factors_of([layer], {layer.name: g}, recorder.approximation)[
+            layer.name
+        ].div_(r)
+        pending["g"][layer.name] = g
 
     return hook
 

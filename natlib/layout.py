@@ -7,17 +7,21 @@ flattened row-major. A :class:`ParamLayout` records that order once, and convert
 - the flat vector (``(P,)``),
 - the per-parameter tensors (``split`` / ``flatten``),
 - the blocks of the parameters each module owns (``blocks``, ``block_diagonal``),
-- and, for ``nn.Linear`` layers, the ``(d_out, d_in + 1)`` matrix :math:`[W \mid b]`
-  (:class:`LinearLayer`).
+- and, for the layers K-FAC supports, the ``(d_out, d_in + 1)`` matrix :math:`[W \mid b]`
+  (:class:`LinearLayer` for ``nn.Linear``, :class:`Conv2dLayer` for ``nn.Conv2d``, whose
+  ``(C_out, C_in, k_h, k_w)`` weight flattens row-major to ``(C_out, C_in k_h k_w)``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from natlib.checks import check_choice
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,53 @@ class LinearLayer(Block):
 
 
 @dataclass(frozen=True)
+class Conv2dLayer(LinearLayer):
+    """An ``nn.Conv2d`` block (``groups=1``): a linear layer on its input patches of size
+    :math:`d_\text{in} = C_\text{in} k_h k_w`, with the geometry ``torch.nn.functional.unfold``
+    needs to cut them."""
+
+    kernel_size: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    stride: tuple[int, int] = (1, 1)
+
+
+Unsupported = Literal["error", "gradient"]
+KRONECKER_LAYERS = (
+    "nn.Linear (inputs (N, ..., d_in)) and nn.Conv2d (groups=1, integer zero padding)"
+)
+
+
+def _kronecker_layer(label: str, module: nn.Module, start: int, stop: int) -> LinearLayer | str:
+    """The K-FAC block of ``module``, or why K-FAC does not support it."""
+    bias = getattr(module, "bias", None) is not None
+    if type(module) is nn.Linear:
+        return LinearLayer(
+            label, module, start, stop, module.in_features, module.out_features, bias
+        )
+    if type(module) is not nn.Conv2d:
+        return type(module).__name__
+    if module.groups != 1:
+        return f"Conv2d with groups={module.groups}"
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return f"Conv2d with padding={module.padding!r}, padding_mode={module.padding_mode!r}"
+    kh, kw = module.kernel_size
+    return Conv2dLayer(
+        label,
+        module,
+        start,
+        stop,
+        module.in_channels * kh * kw,
+        module.out_channels,
+        bias,
+        module.kernel_size,
+        module.dilation,
+        module.padding,
+        module.stride,
+    )
+
+
+@dataclass(frozen=True)
 class ParamLayout:
     """Where every parameter of a model sits in the flat vector, grouped by module.
 
@@ -93,20 +144,26 @@ class ParamLayout:
     blocks: tuple[Block, ...]
 
     @classmethod
-    def of(cls, model: nn.Module, linear_only: bool = False) -> ParamLayout:
+    def of(
+        cls, model: nn.Module, kronecker: bool = False, unsupported: Unsupported = "error"
+    ) -> ParamLayout:
         """The layout of ``model.parameters()``.
 
         Args:
-            linear_only: every module with parameters must be an ``nn.Linear`` (K-FAC's
-                models); its blocks are then :class:`LinearLayer`.
+            kronecker: the blocks of the layers K-FAC supports (:data:`KRONECKER_LAYERS`)
+                are :class:`LinearLayer` or :class:`Conv2dLayer`.
+            unsupported: with ``kronecker``, what to do with any other module that owns
+                parameters (LayerNorm, Embedding, BatchNorm, ...): ``"error"``, or
+                ``"gradient"`` to keep it as a plain :class:`Block`.
 
         Raises:
             ValueError: if the model has no parameters, a parameter is frozen or shared
-                between modules (tied weights), or (``linear_only``) a module with parameters
-                is not an ``nn.Linear``.
+                between modules (tied weights), or (``kronecker`` with ``unsupported="error"``)
+                a module with parameters is not supported; the message names its path and type.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        check_choice("unsupported", unsupported, Unsupported)
         names, shapes, blocks, owners = [], [], [], {}
         start = 0
         for module_name, module in model.named_modules():
@@ -131,26 +188,17 @@ class ParamLayout:
                 names.append(full)
                 shapes.append(p.shape)
             stop = start + sum(p.numel() for _, p in own)
-            if linear_only:
-                if type(module) is not nn.Linear:
-                    raise ValueError(
-                        f"layer {label!r} ({type(module).__name__}) has parameters, but the "
-                        "Kronecker-factored methods here (K-FAC, EK-FAC, Shampoo) support only "
-                        "nn.Linear layers (with or without bias)."
-                    )
-                blocks.append(
-                    LinearLayer(
-                        label,
-                        module,
-                        start,
-                        stop,
-                        module.in_features,
-                        module.out_features,
-                        module.bias is not None,
-                    )
+            block = _kronecker_layer(label, module, start, stop) if kronecker else None
+            if isinstance(block, str) and unsupported == "error":
+                raise ValueError(
+                    f"layer {label!r} ({block}) has parameters, but the Kronecker-factored "
+                    f"methods here (K-FAC, EK-FAC, Shampoo) support only {KRONECKER_LAYERS}; "
+                    "pass unsupported='gradient' to train the parameters of other layers by "
+                    "plain gradient steps (K-FAC only)."
                 )
-            else:
-                blocks.append(Block(label, module, start, stop))
+            blocks.append(
+                block if isinstance(block, LinearLayer) else Block(label, module, start, stop)
+            )
             start = stop
         if not blocks:
             raise ValueError("the model has no parameters.")

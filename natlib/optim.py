@@ -42,9 +42,10 @@ from natlib.checks import (
 )
 from natlib.ekfac import EKFACApproximation
 from natlib.exact import GGN, ExactCurvature, Fisher, Hessian
+from natlib.factors import Approximation
 from natlib.interface import RunningCurvature
 from natlib.kfac import KFACApproximation
-from natlib.layout import ParamLayout
+from natlib.layout import ParamLayout, Unsupported
 from natlib.linalg import DampingMode
 from natlib.losses import FisherKind
 from natlib.newton import SaddleFreeHessian
@@ -278,11 +279,16 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
 
 
 class KFAC(PreconditionedOptimizer):
-    r"""K-FAC (Martens & Grosse, 2015) for models whose parameters all sit in ``nn.Linear``:
+    r"""K-FAC (Martens & Grosse, 2015) for models of ``nn.Linear`` and ``nn.Conv2d`` layers:
     :class:`PreconditionedOptimizer` with :class:`natlib.kfac.KFACApproximation`.
 
     Args:
         damping_mode: ``"exact"`` or factored ``"pi"`` (two products per layer and step).
+        approximation: for weight-shared layers (Linear on ``(N, T, d)``, Conv2d),
+            K-FAC-``"expand"`` or K-FAC-``"reduce"`` (Eschenhagen et al., 2023).
+        unsupported: ``"error"`` for any other module with parameters, or ``"gradient"`` to
+            train their parameters by the plain gradient step :math:`\eta g / (1 + \lambda)`
+            (LayerNorm, Embedding).
         Others as :class:`PreconditionedOptimizer`.
     """
 
@@ -301,6 +307,8 @@ class KFAC(PreconditionedOptimizer):
         kind: FisherKind = "exact",
         mc_samples: int = 1,
         damping_mode: DampingMode = "pi",
+        approximation: Approximation = "expand",
+        unsupported: Unsupported = "error",
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -319,6 +327,8 @@ class KFAC(PreconditionedOptimizer):
             mc_samples,
             seed,
             damping_mode=damping_mode,
+            approximation=approximation,
+            unsupported=unsupported,
         )
 
 

@@ -1,4 +1,5 @@
-"""Small real problems with no download: bundled digits, generated regression and toys.
+"""Small real problems with no download: bundled digits, generated regression and toys, and
+the small models trained on them (:func:`mlp`, :func:`digits_cnn`).
 
 Every problem is deterministic given its seed and returns tensors in torch's default dtype
 (or ``dtype``) on the requested device.
@@ -259,3 +260,42 @@ def mlp(
                     if layer.bias is not None:
                         layer.bias.uniform_(-bound, bound, generator=generator)
     return model
+
+
+def digits_cnn(
+    channels: Sequence[int] = (8, 16),
+    activation: Activation = "relu",
+    seed: int | None = None,
+) -> nn.Sequential:
+    """A small CNN for the flattened 8x8 digits of :func:`digits` (inputs ``(N, 64)``).
+
+    ``Unflatten`` to ``(N, 1, 8, 8)``; a 3x3 ``Conv2d`` (padding 1) to ``channels[0]``; then one
+    3x3 ``Conv2d`` with stride 2 and padding 1 per further entry (8x8 -> 4x4 -> 2x2 ...), each
+    followed by the activation; ``Flatten`` and a ``Linear`` to the 10 classes. ``seed`` makes
+    the (PyTorch default) initialisation independent of the global generator.
+    """
+    if not channels or any(not isinstance(c, int) or c < 1 for c in channels):
+        raise ValueError(f"channels must be positive integers, got {list(channels)}.")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"activation {activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+        )
+
+    def build() -> nn.Sequential:
+        layers: list[nn.Module] = [nn.Unflatten(1, (1, 8, 8))]
+        size, previous = 8, 1
+        for i, c in enumerate(channels):
+            stride = 1 if i == 0 else 2
+            layers += [
+                nn.Conv2d(previous, c, 3, stride=stride, padding=1),
+                _ACTIVATIONS[activation](),
+            ]
+            size, previous = (size - 1) // stride + 1, c
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(previous * size * size, 10))
+
+    if seed is None:
+        return build()
+    _generator(seed)  # checks the seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()

@@ -1,7 +1,11 @@
-r"""Shampoo (Gupta, Koren & Singer, 2018) for networks of ``nn.Linear`` layers.
+r"""Shampoo (Gupta, Koren & Singer, 2018) for ``nn.Linear`` and ``nn.Conv2d`` layers.
 
 Each layer's mini-batch gradient is a matrix :math:`\bar G = [dW \mid db]`
-(:math:`d_\text{out} \times d_A`); Shampoo keeps its left and right second moments
+(:math:`d_\text{out} \times d_A`; a Conv2d's ``(C_out, C_in, k_h, k_w)`` weight gradient
+flattened to ``(C_out, C_in k_h k_w)`` as in :class:`natlib.layout.Conv2dLayer`, the matrix
+form of Gupta et al.'s order-4 tensor with the input dimensions grouped; a Linear shared over
+positions has one gradient matrix whatever its inputs' shape); Shampoo keeps its left and
+right second moments
 
 .. math:: L = \bar G \bar G^\top, \qquad R = \bar G^\top \bar G
 
@@ -101,9 +105,10 @@ class ShampooPreconditioner(RunningCurvature):
         ``"mc"``, see :func:`natlib.gradient.minibatch_gradient`).
 
         Raises:
-            ValueError: for layers other than ``nn.Linear``, ``kind="exact"``, or a bad mode.
+            ValueError: for layers other than ``nn.Linear`` and ``nn.Conv2d``
+                (:data:`natlib.layout.KRONECKER_LAYERS`), ``kind="exact"``, or a bad mode.
         """
-        layout = ParamLayout.of(model, linear_only=True)
+        layout = ParamLayout.of(model, kronecker=True)
         g = minibatch_gradient(model, loss_fn, X, y, kind, generator)
         return cls.of_gradient(layout, g, kind, damping_mode)
 
@@ -120,7 +125,7 @@ class ShampooPreconditioner(RunningCurvature):
     ) -> GradientWatcher:
         """Batch estimates from the training loop's gradient (``kind="empirical"`` only)."""
         check_choice("Shampoo damping mode", damping_mode, ShampooDamping)
-        layout = ParamLayout.of(model, linear_only=True)
+        layout = ParamLayout.of(model, kronecker=True)
         return GradientWatcher(
             model,
             kind,
@@ -247,7 +252,7 @@ class ShampooPreconditioner(RunningCurvature):
         settings = state["settings"]
         moments = {name: (L.clone(), R.clone()) for name, (L, R) in state["moments"].items()}
         out = cls(
-            ParamLayout.of(model, linear_only=True),
+            ParamLayout.of(model, kronecker=True),
             moments,
             settings["kind"],
             settings["damping_mode"],

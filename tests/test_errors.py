@@ -466,7 +466,7 @@ def test_an_overflowing_float32_inverse_names_the_layer():
     model = nn.Sequential(nn.Linear(2, 2, bias=False)).float()
     factor = torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float32))
     approx = KFACApproximation(
-        ParamLayout.of(model, linear_only=True),
+        ParamLayout.of(model, kronecker=True),
         {"0": (factor, factor.clone())},
         1,
         1,

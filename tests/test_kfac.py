@@ -266,8 +266,8 @@ def test_bad_inputs() -> None:
         kfac(model, nn.MSELoss(), X, kind="mc", mc_samples=0)
     with pytest.raises(ValueError, match="model output contains NaN"):
         kfac(model, nn.MSELoss(), torch.full((4, 3), float("nan")))
-    with pytest.raises(ValueError, match=r"\(N, d_in\) inputs"):
-        kfac(model, nn.MSELoss(), torch.randn(2, 4, 3))
+    with pytest.raises(ValueError, match=r"batched inputs \(N, \.\.\., d_in\)"):
+        kfac(nn.Sequential(nn.Flatten(0), model), nn.MSELoss(), torch.randn(3))
     shared = problems.mlp([3, 3], seed=0)[0]
     with pytest.raises(ValueError, match="ran twice"):
         kfac(nn.Sequential(shared, nn.Tanh(), shared), nn.MSELoss(), X)
@@ -279,3 +279,22 @@ def test_damped_inverse_rejects_unknown_mode() -> None:
     eigen = eigh(torch.eye(2), "I")
     with pytest.raises(ValueError, match="damping mode 'tikhonov' is not supported"):
         damped_inverse(eigen, eigen, 0.1, "tikhonov")
+
+
+def test_unsupported_layers_fall_back_to_the_gradient_step() -> None:
+    """``unsupported="gradient"``: the LayerNorm's block is the identity, so its part of the
+    solve is the plain gradient divided by 1 + damping; the Linear blocks are unchanged."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    X = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    approx = kfac(model, nn.MSELoss(), X, unsupported="gradient", damping_mode="exact")
+    assert [b.name for b in approx.fallback] == ["1"]
+    assert approx.settings()["fallback"] == ["1"]
+    dense = approx.to_dense()
+    norm = slice(16, 24)
+    assert torch.equal(dense[norm, norm], torch.eye(8))
+    assert not dense[norm, :16].any() and not dense[norm, 24:].any()
+    v = torch.randn(approx.layout.numel, generator=torch.Generator().manual_seed(1))
+    assert_close(approx.matvec(v), dense @ v)
+    assert_close(approx.solve(v, 0.1), torch.linalg.solve(dense + 0.1 * torch.eye(len(v)), v))
+    with pytest.raises(ValueError, match="unsupported 'skip' is not supported"):
+        kfac(model, nn.MSELoss(), X, unsupported="skip")

@@ -25,7 +25,7 @@ def test_split_and_flatten_follow_parameters_to_vector() -> None:
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matrix_round_trip(bias: bool) -> None:
     case = mlp_case(sizes=(4, 5, 3), bias=bias)
-    layout = ParamLayout.of(case.model, linear_only=True)
+    layout = ParamLayout.of(case.model, kronecker=True)
     v = vector(layout.numel)
     for layer in layout.blocks:
         assert isinstance(layer, LinearLayer)
@@ -51,7 +51,7 @@ def test_clear_errors() -> None:
     with pytest.raises(ValueError, match="'2.weight' is the same tensor as '0.weight'"):
         ParamLayout.of(tied)
     with pytest.raises(ValueError, match=r"'1' \(LayerNorm\).*only nn.Linear"):
-        ParamLayout.of(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), linear_only=True)
+        ParamLayout.of(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), kronecker=True)
     with pytest.raises(ValueError, match="no parameters"):
         ParamLayout.of(nn.Tanh())
     with pytest.raises(TypeError, match="torch.nn.Module"):

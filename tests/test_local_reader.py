@@ -82,9 +82,10 @@ def working_directory_uses(source: str) -> list[str]:
                 found.append(f"relative path {node.value!r}")
         elif isinstance(node, ast.Call):
             name = getattr(node.func, "attr", getattr(node.func, "id", None))
-            literal = any(  # the file name (first argument) is or holds a string literal
-                isinstance(n, ast.Constant) and isinstance(n.value, str)
+            literal = any(  # the file name (first argument) is or holds a string literal,
+                isinstance(n, ast.Constant) and isinstance(n.value, str)  # not record_path's
                 for arg in node.args[:1]
+                if not (isinstance(arg, ast.Call) and getattr(arg.func, "id", "") == "record_path")
                 for n in ast.walk(arg)
             )
             mode = next((a.value for a in node.args[1:2] if isinstance(a, ast.Constant)), "")
@@ -108,6 +109,8 @@ def test_the_check_finds_working_directory_uses():
     for source, expected in flagged.items():
         assert len(working_directory_uses(source)) == expected, source
     assert working_directory_uses('record_path("scaling-cpu.json")') == []
+    assert working_directory_uses('read_record(record_path("scaling-cpu.json"))') == []
+    assert len(working_directory_uses('read_record(Path("scaling-cpu.json"))')) == 2
     assert working_directory_uses('print("K-FAC step / SGD step")') == []
 
 
@@ -124,8 +127,13 @@ def test_no_cell_depends_on_the_working_directory(path):
     )
 
 
+# The names of natlib.notebooks that locate files (``scientific`` formats numbers instead).
+FILE_HELPERS = {"BOOK", "DATA", "record_path", "record_command"}
+
+
 def notebooks_imports(sources: list[str]) -> tuple[str, set[str]]:
-    """The notebook's import statements, and the names it imports from ``natlib.notebooks``."""
+    """The notebook's import statements, and the names it imports from ``natlib.notebooks``
+    that locate files."""
     imports, helpers = [], set()
     for source in sources:
         for node in ast.parse(source).body:
@@ -133,7 +141,7 @@ def notebooks_imports(sources: list[str]) -> tuple[str, set[str]]:
                 imports.append(ast.unparse(node))
                 if isinstance(node, ast.ImportFrom) and node.module == "natlib.notebooks":
                     helpers |= {alias.asname or alias.name for alias in node.names}
-    return "\n".join(imports), helpers
+    return "\n".join(imports), helpers & FILE_HELPERS
 
 
 def uses_names(source: str, names: set[str]) -> bool:

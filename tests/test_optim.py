@@ -241,7 +241,7 @@ def damped_kronecker(model, factors, lam: float, mode: str) -> torch.Tensor:
     r"""Dense :math:`\mathrm{diag}_l(A_l \otimes G_l + \lambda I)` or, for ``"pi"``,
     :math:`\mathrm{diag}_l((A_l + \pi_l \sqrt\lambda I) \otimes (G_l + \sqrt\lambda/\pi_l I))`."""
     blocks = []
-    for layer in ParamLayout.of(model, linear_only=True).blocks:
+    for layer in ParamLayout.of(model, kronecker=True).blocks:
         A, G = factors[layer.name]
         eye_a, eye_g = torch.eye(A.shape[0]), torch.eye(G.shape[0])
         if mode == "pi":

@@ -118,3 +118,25 @@ def test_mlp_shapes_and_seeded_init():
 def test_mlp_bad_input(sizes, activation, match):
     with pytest.raises(ValueError, match=match):
         problems.mlp(sizes, activation=activation)
+
+
+def test_digits_cnn_shapes_seed_and_kfac_step() -> None:
+    from natlib.optim import KFAC
+
+    data = problems.digits()
+    model = problems.digits_cnn(channels=(4, 6, 8), seed=3)
+    assert model(data.X_train[:5]).shape == (5, 10)
+    assert model[-1].in_features == 8 * 2 * 2
+    again = problems.digits_cnn(channels=(4, 6, 8), seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    optimizer = KFAC(model, data.loss_fn, lr=0.1, damping=0.1)
+    X, y = data.X_train[:64], data.y_train[:64]
+    before = data.loss_fn(model(X), y).item()
+    for _ in range(3):
+        optimizer.zero_grad()
+        data.loss_fn(model(X), y).backward()
+        optimizer.step()
+    assert data.loss_fn(model(X), y).item() < before
+    assert optimizer.curvature.positions == {"1": 64, "3": 16, "5": 4, "8": 1}
+    with pytest.raises(ValueError, match="channels must be positive"):
+        problems.digits_cnn(channels=())

@@ -93,7 +93,11 @@ def test_step_parts_split_the_work():
     plain, factors = parts.optimizers
     assert (plain.T_cov, plain.T_inv) == (timing.ONCE, timing.ONCE)
     assert (factors.T_cov, factors.T_inv) == (1, timing.ONCE)
-    assert plain.kind == "mc" and plain.options == {"damping_mode": "pi"}
+    assert plain.kind == "mc" and plain.options == {
+        "damping_mode": "pi",
+        "approximation": "expand",
+        "unsupported": "error",
+    }
     kept = {name: A.clone() for name, (A, _) in plain.curvature.factors.items()}
     running = {name: A.clone() for name, (A, _) in factors.curvature.factors.items()}
     for fn in parts.fns.values():
