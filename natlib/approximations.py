@@ -117,7 +117,8 @@ class RowStatistic(RunningCurvature):
 
     def update(self, batch: RunningCurvature, decay: float) -> None:
         r""":math:`S \leftarrow \varepsilon S + (1 - \varepsilon) S_\text{batch}` for every
-        statistic; the cached factorisation stays until the next :meth:`refresh`."""
+        statistic; the cached factorisation stays until the next
+        :meth:`~natlib.interface.RunningCurvature.refresh`."""
         if type(batch) is not type(self) or batch.settings() != self.settings():
             raise ValueError(f"update needs a {self.what} of the same model and settings.")
         check_unit_interval("ema_decay", decay)

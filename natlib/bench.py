@@ -391,6 +391,7 @@ def architecture_benchmark(
 
 APPROXIMATION_EXAMPLES = 128  # digits training examples in the batch
 APPROXIMATION_DAMPING = 1e-3
+#: The curvature pairs the L-BFGS operator keeps in the approximation benchmark.
 LBFGS_PAIRS = 10
 
 

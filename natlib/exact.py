@@ -37,7 +37,8 @@ from natlib.layout import ParamLayout
 from natlib.linalg import CG_TOLERANCE, condition_number, conjugate_gradient
 from natlib.losses import FisherKind, likelihood
 
-DENSE_LIMIT = 4096  # parameters up to which solve forms the dense matrix
+#: Parameters up to which ``solve`` forms the dense matrix; beyond, conjugate gradients.
+DENSE_LIMIT = 4096
 
 
 class ExactCurvature(RunningCurvature):
@@ -100,7 +101,7 @@ class ExactCurvature(RunningCurvature):
 
     def solve(self, v: Tensor, damping: float) -> Tensor:
         r""":math:`(C + \lambda I)^{-1} v`: densely for small models or once :meth:`to_dense`
-        ran, else by conjugate gradients to relative residual :data:`CG_TOLERANCE`.
+        ran, else by conjugate gradients to relative residual :data:`natlib.linalg.CG_TOLERANCE`.
 
         Raises:
             ValueError: for a bad ``v`` or ``damping``, or if :math:`C + \lambda I` is not
@@ -204,7 +205,7 @@ class ExactCurvature(RunningCurvature):
 
     @property
     def flops(self) -> Flops:
-        """Dense counts: forming :math:`\\sum_{nk} J_n^\\top b b^\\top J_n` (:math:`2NKP^2` for
+        """The dense counts, forming :math:`\\sum_{nk} J_n^\\top b b^\\top J_n` (:math:`2NKP^2` for
         the Gram product, Jacobian rows not counted), factorising, two triangular solves."""
         p = self.layout.numel
         return Flops(

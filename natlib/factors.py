@@ -10,7 +10,7 @@ A layer may share its weight over :math:`R` positions per example: an ``nn.Linea
 an ``nn.Conv2d``, a linear layer on the :math:`R = L` patches that
 ``torch.nn.functional.unfold`` cuts (Grosse & Martens, 2016). Example :math:`n`'s weight
 gradient is then :math:`\sum_r g_{nrk} \bar a_{nr}^\top`, and Eschenhagen et al. (2023, §3)
-give two Kronecker approximations (:data:`Approximation`):
+give two Kronecker approximations (``Approximation``):
 
 - ``"expand"`` treats the :math:`NR` positions as examples:
   :math:`A = \frac{1}{NR} \sum_{nr} \bar a_{nr} \bar a_{nr}^\top`,
@@ -163,7 +163,7 @@ class Recorder:
         self, output: Tensor, cotangents: Tensor, retain_graph: bool = False
     ) -> dict[str, Tensor]:
         r"""The output gradients :math:`g_{nrk}`, ``(K, N, R, d_out)`` per layer (positions as
-        in :attr:`inputs`), by one backward pass of the cotangents, shape
+        in ``inputs``), by one backward pass of the cotangents, shape
         ``(K, *output.shape)``, vectorised over k."""
         outputs = [self.outputs[layer.name] for layer in self.layers]
         batched = cotangents.shape[0] > 1

@@ -91,7 +91,7 @@ class HessianFree(PreconditionedOptimizer):
     ``step()``, or ``step(closure)``): the hooks of :class:`natlib.optim.PreconditionedOptimizer`
     and :class:`natlib.exact.LossWatcher` record the batch, its targets and its loss, which the
     step re-evaluates at :math:`\theta + p`. The damping lives in the parameter group and
-    changes every step; :attr:`last` describes the last step.
+    changes every step; ``last`` describes the last step.
 
     Args:
         lr: :math:`\eta` (1 is Martens's step).

@@ -139,8 +139,9 @@ class RunningCurvature(Curvature):
     @property
     @abstractmethod
     def damping(self) -> float | None:
-        """The damping of the last :meth:`refresh` (``None`` before the first): ``solve`` with
-        it uses the cached inverse, however stale."""
+        """The damping of the last :meth:`~natlib.interface.RunningCurvature.refresh`
+        (``None`` before the first): ``solve`` with it uses the cached inverse, however
+        stale."""
 
     @classmethod
     @abstractmethod
@@ -154,7 +155,7 @@ class RunningCurvature(Curvature):
         generator: torch.Generator | None,
         **options: Any,
     ) -> Watcher:
-        """A :class:`Watcher` on ``model`` whose estimates are of this class."""
+        """A :class:`~natlib.interface.Watcher` on ``model`` whose estimates are of this class."""
 
     @abstractmethod
     def settings(self) -> dict[str, Any]:

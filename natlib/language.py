@@ -26,8 +26,10 @@ from torch import Tensor, nn
 
 from natlib.problems import Problem
 
+#: Newline and the printable ASCII characters, each with its own index.
 VOCABULARY = "\n" + "".join(chr(c) for c in range(32, 127))
-UNKNOWN = len(VOCABULARY)  # the index of every other character
+#: The index of every other character.
+UNKNOWN = len(VOCABULARY)
 VOCABULARY_SIZE = len(VOCABULARY) + 1
 TEST_EVERY = 10  # every tenth file is test text
 

@@ -52,7 +52,7 @@ class LinearLayer(Block):
 
     @property
     def d_a(self) -> int:
-        """Size of the input factor: :math:`d_\\text{in}` plus one with a bias."""
+        """The size of the input factor, :math:`d_\\text{in}` plus one with a bias."""
         return self.d_in + int(self.bias)
 
     def join(self, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -97,6 +97,7 @@ class Conv2dLayer(LinearLayer):
 
 
 Unsupported = Literal["error", "gradient"]
+#: What the Kronecker-factored methods support, as their error messages name it.
 KRONECKER_LAYERS = (
     "nn.Linear (inputs (N, ..., d_in)) and nn.Conv2d (groups=1, integer zero padding)"
 )

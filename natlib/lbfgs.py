@@ -188,7 +188,7 @@ class LBFGSOperator(Curvature):
 
     @property
     def flops(self) -> Flops:
-        """A new pair: two dot products; the compact form's :math:`S^\\top S, S^\\top Y`
+        """A new pair costs two dot products; the compact form's :math:`S^\\top S, S^\\top Y`
         (:math:`4m^2P`); a two-loop solve: :math:`4mP + P`."""
         m, p = self.history, self.layout.numel
         return Flops(update=4 * p, refresh=4 * m * m * p, solve=4 * m * p + p)

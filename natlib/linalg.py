@@ -23,7 +23,8 @@ from torch import Tensor
 from natlib.checks import check_choice, check_finite, check_positive
 
 DampingMode = Literal["exact", "pi"]
-CG_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}  # default relative residual of CG
+#: The default relative residual at which conjugate gradients stop, per dtype.
+CG_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 _GRAM_LEAF = 1024  # column blocks at most this wide are multiplied as a whole
 # Symmetric QR with eigenvectors costs about 9 n^3 flops (Golub & Van Loan, 2013, §8.3).
 EIGH_FLOPS_PER_CUBE = 9

@@ -79,7 +79,7 @@ class Likelihood(ABC):
     @abstractmethod
     def target_matrix(self, output: Tensor, target: Tensor) -> Tensor:
         """Check ``target`` against the model's raw ``output``; reshape it to match
-        :meth:`output_matrix`. Raises ``ValueError`` on a mismatch."""
+        ``output_matrix``. Raises ``ValueError`` on a mismatch."""
 
     @abstractmethod
     def gradient(self, output: Tensor, target: Tensor) -> Tensor:

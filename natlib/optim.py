@@ -289,7 +289,8 @@ class KFAC(PreconditionedOptimizer):
         unsupported: ``"error"`` for any other module with parameters, or ``"gradient"`` to
             train their parameters by the plain gradient step :math:`\eta g / (1 + \lambda)`
             (LayerNorm, Embedding).
-        Others as :class:`PreconditionedOptimizer`.
+
+    The other arguments are those of :class:`PreconditionedOptimizer`.
     """
 
     def __init__(
@@ -355,7 +356,7 @@ class NGD(PreconditionedOptimizer):
 
 class BatchCurvatureMethod(PreconditionedOptimizer):
     r""":math:`\theta \leftarrow \theta - \eta\,(C + \lambda I)^{-1} \nabla_\theta L` with the
-    exact matrix :math:`C` (class :attr:`matrix`) of each batch, formed every step with no
+    exact matrix :math:`C` (class attribute ``matrix``) of each batch, formed every step with no
     averaging: dense and factorised up to :data:`natlib.exact.DENSE_LIMIT` parameters,
     matrix-free and solved by conjugate gradients beyond. The batch's labels come from the
     loss module's call (:class:`natlib.exact.LossWatcher`), so the loop must compute the loss

@@ -219,7 +219,7 @@ class ShampooPreconditioner(RunningCurvature):
 
     @property
     def flops(self) -> Flops:
-        r"""Per layer: :math:`2 d_G d_A (d_G + d_A)` to form :math:`L, R`; the K-FAC-like
+        r"""Per layer, :math:`2 d_G d_A (d_G + d_A)` to form :math:`L, R`; the K-FAC-like
         refresh and solve counts of :mod:`natlib.costmodel` (``"root"`` as ``"pi"``)."""
         refresh, solve = costmodel.kronecker_layers_flops(
             [(layer.d_a, layer.d_out) for layer in self.layers],
