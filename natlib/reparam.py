@@ -298,8 +298,8 @@ class Reparametrized(nn.Module):
         return outputs(self.model, self.theta(), x)
 
 
-Rule = Literal["gd", "ngd", "newton", "diag_fisher", "adam"]
-RULES: tuple[str, ...] = ("gd", "ngd", "newton", "diag_fisher", "adam")
+Rule = Literal["gd", "ngd", "newton", "diag_fisher", "rms_emp"]
+RULES: tuple[str, ...] = ("gd", "ngd", "newton", "diag_fisher", "rms_emp")
 
 
 def direction(
@@ -318,8 +318,11 @@ def direction(
     - ``"ngd"``: :math:`d = (F + \\lambda I)^{+} g`, exact Fisher (Amari, 1998);
     - ``"newton"``: :math:`d = (H + \\lambda I)^{+} g` (Nocedal & Wright, 2006);
     - ``"diag_fisher"``: :math:`d = g / (\\mathrm{diag}\\,F + \\lambda)`;
-    - ``"adam"``: :math:`d = g / (\\mathrm{diag}\\,F_{\\rm emp} + \\lambda)^{1/2}`, Adam's
-      preconditioner without momentum (Kingma & Ba, 2015; Kunstner et al., 2019).
+    - ``"rms_emp"``: :math:`d = g / (\\mathrm{diag}\\,F_{\\rm emp} + \\lambda)^{1/2}`, each
+      coordinate divided by the root mean square of its per-example gradients (Kunstner et
+      al., 2019). This is not Adam: Adam squares *mini-batch* gradients, so on the full batch
+      and without momentum it divides :math:`g` by :math:`|g|`, sign descent (Kingma & Ba,
+      2015; Balles & Hennig, 2018).
 
     :math:`^{+}` is the Moore-Penrose pseudo-inverse (the inverse when the matrix is
     invertible). Curvature comes from :mod:`natlib.curvature`, so a :class:`Reparametrized`
