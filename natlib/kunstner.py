@@ -5,8 +5,9 @@ r"""The regression experiments of Kunstner, Balles & Hennig (2019) on the empiri
 :math:`\sigma_p^2` scaled by :math:`1/N`:
 
 .. math::
-    L(\theta) = \frac{1}{2N} \sum_n (x_n^\top\theta - y_n)^2 + \frac{\lVert\theta\rVert^2}
-    {2\sigma_p^2 N}, \quad \nabla L = \frac{X^\top r}{N} + \frac{\theta}{\sigma_p^2 N}, \quad
+    L(\theta) &= \frac{1}{2N} \sum_n (x_n^\top\theta - y_n)^2 + \frac{\lVert\theta\rVert^2}
+    {2\sigma_p^2 N}, \\
+    \nabla L &= \frac{X^\top r}{N} + \frac{\theta}{\sigma_p^2 N}, \quad
     F = H = \frac{X^\top X}{N} + \frac{I}{\sigma_p^2 N},
 
 and the empirical Fisher of the data term,

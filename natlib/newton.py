@@ -4,8 +4,9 @@ Newton's step :math:`-H^{-1}g` moves towards any stationary point, saddles inclu
 eigenvector of :math:`H` with eigenvalue :math:`\lambda_i < 0` it goes uphill. Saddle-free
 Newton (Dauphin et al., 2014) rescales the gradient by the absolute eigenvalues instead,
 
-.. math:: |H| = V |\Lambda| V^\top \quad\text{for}\quad H = V \Lambda V^\top, \qquad
-    \Delta = -(|H| + \lambda I)^{-1} g = -V (|\Lambda| + \lambda)^{-1} V^\top g,
+.. math::
+    |H| &= V |\Lambda| V^\top \quad\text{for}\quad H = V \Lambda V^\top, \\
+    \Delta &= -(|H| + \lambda I)^{-1} g = -V (|\Lambda| + \lambda)^{-1} V^\top g,
 
 which keeps Newton's step size along each eigenvector and descends along all of them.
 :class:`SaddleFreeHessian` is that matrix behind the curvature interface, dense (it needs the

@@ -119,7 +119,8 @@ RAW_MARKUP = re.compile(r"\.\. py:|:param\b|:math:|\{automodule\}|\{glue:\w+\}|\
 
 READING = """() => {
   const main = document.querySelector("main");
-  const visible = (e) => e.offsetParent !== null;
+  // shown to a reader who has not opened any collapsed dropdown
+  const visible = (e) => e.offsetParent !== null && !e.closest("details:not([open])");
   const scrolls = Array.from(main.querySelectorAll("*")).filter(e =>
       visible(e) && e.scrollWidth > e.clientWidth + 1 && e.clientWidth > 0 &&
       ["auto", "scroll"].includes(getComputedStyle(e).overflowX));
@@ -139,11 +140,7 @@ READING = """() => {
   };
 }"""
 # Pages that still fail the reading checks below; fixing them is issue 11's work.
-NOT_YET_READABLE = {
-    "01_reparametrization.html",
-    "02_fisher_geometry.html",
-    "03_kfac.html",
-}
+NOT_YET_READABLE = {"book/03_kfac.html"}
 CODE_SHARE_LIMIT = 0.2  # code at most a fifth of a chapter's rendered height
 
 
@@ -191,7 +188,7 @@ def test_page_renders(page, server, browser):
 
     shot = SCREENSHOTS / page.replace("/", "__").replace(".html", ".png")
     shot.parent.mkdir(parents=True, exist_ok=True)
-    tab.screenshot(path=str(shot), full_page=True)
+    tab.screenshot(path=str(shot), full_page=True, timeout=120_000)
 
     assert not problems, f"{page}: JavaScript errors: {problems}"
     assert not found["untypeset"], f"{page}: formulas left untypeset: {found['untypeset'][:5]}"
