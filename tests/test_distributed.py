@@ -141,7 +141,7 @@ def test_a_failing_rank_stops_every_rank_with_a_clear_error(tmp_path, scenario, 
         pytest.skip("the nccl run needs two GPUs")
     results, seconds = _launch(scenario, tmp_path)
     print(f"{scenario}: {seconds:.1f} s")
-    assert seconds < 60, _outputs(results)
+    assert seconds < 90, _outputs(results)  # imports take most of it on a loaded machine
     assert all(r.returncode not in (0, None) for r in results), _outputs(results)
     assert cause in results[1].stderr, _outputs(results)
     if scenario == "fail-factors":
