@@ -21,6 +21,7 @@ damping changed, so it can be stale on purpose between refreshes.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -172,3 +173,40 @@ class RunningCurvature(Curvature):
     ) -> RunningCurvature:
         """The estimate saved by :meth:`state_dict` (with :meth:`settings` under
         ``"settings"``), for ``model``."""
+
+
+class Communicator:
+    r"""The hook through which :class:`natlib.optim.PreconditionedOptimizer` shares its
+    curvature between processes; this base class is the single process, which shares nothing.
+
+    At a refresh step (:math:`k \bmod T_\text{inv} = 0`) the optimiser calls, in order,
+
+    1. :meth:`guard` around its local work (gradient, factor update): a subclass tells the other
+       processes when that work raises, so that none waits for it;
+    2. :meth:`reduce_factors` on the running estimate: a subclass replaces the local statistics
+       by their average over the processes;
+    3. :meth:`refresh`: a subclass shares the decompositions out and broadcasts the results,
+       so that every process holds the same damped inverse.
+
+    :mod:`natlib.distributed` implements them on ``torch.distributed``; the curvature classes
+    never import it.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def seed(self, seed: int) -> int:
+        """The seed of this process's Monte-Carlo generator: ``seed`` itself here."""
+        return seed
+
+    def guard(self, collective: bool) -> contextlib.AbstractContextManager[None]:
+        """A context around the optimiser's local work before a step's collectives (only
+        when ``collective``); here it does nothing."""
+        return contextlib.nullcontext()
+
+    def reduce_factors(self, curvature: RunningCurvature) -> None:
+        """Make ``curvature``'s running statistics those of all processes; nothing here."""
+
+    def refresh(self, curvature: RunningCurvature, damping: float) -> None:
+        """``curvature.refresh(damping)``, split across processes in a subclass."""
+        curvature.refresh(damping)

@@ -287,24 +287,48 @@ class KFACApproximation(RunningCurvature):
         """Eigendecompose every factor (float32 retried in float64) and cache the damped
         inverses for ``damping``; on failure the previous ones stay.
 
+        :meth:`decompose` and :meth:`install` are its two halves, which
+        :class:`natlib.distributed.DistributedCommunicator` runs on different ranks.
+
         Raises:
             ValueError: if ``damping`` is not a positive finite number, or a factor's
                 eigendecomposition fails or its damped inverse is not finite (naming the
                 layer).
         """
         check_positive("damping", damping)
-        eigens, inverses = {}, {}
-        for layer in self.layers:
-            A, G = self.factors[layer.name]
-            eigen = (
-                eigh(A, f"factor A of layer {layer.name!r}"),
-                eigh(G, f"factor G of layer {layer.name!r}"),
+        self.install(self.decompose([layer.name for layer in self.layers]), damping)
+
+    def decompose(self, names: list[str]) -> dict[str, tuple[Eigen, Eigen]]:
+        """The eigendecompositions of the factors of the layers ``names`` (float32 retried in
+        float64); changes nothing.
+
+        Raises:
+            ValueError: if a factor holds NaN or Inf or its decomposition fails (naming it).
+        """
+        return {
+            name: (
+                eigh(self.factors[name][0], f"factor A of layer {name!r}"),
+                eigh(self.factors[name][1], f"factor G of layer {name!r}"),
             )
-            inverse = damped_inverse(*eigen, damping, self.damping_mode)
+            for name in names
+        }
+
+    def install(self, eigens: dict[str, tuple[Eigen, Eigen]], damping: float) -> None:
+        """Cache the damped inverses for ``damping`` from every layer's ``eigens``; on failure
+        the previous ones stay.
+
+        Raises:
+            ValueError: if ``damping`` is not positive, or a damped inverse is not finite.
+        """
+        check_positive("damping", damping)
+        inverses = {}
+        for layer in self.layers:
+            inverse = damped_inverse(*eigens[layer.name], damping, self.damping_mode)
             for tensor in vars(inverse).values():
                 check_finite(tensor, f"the damped inverse of layer {layer.name!r}")
-            eigens[layer.name], inverses[layer.name] = eigen, inverse
-        self.eigen, self._inverse, self._damping = eigens, inverses, damping
+            inverses[layer.name] = inverse
+        self.eigen = {layer.name: eigens[layer.name] for layer in self.layers}
+        self._inverse, self._damping = inverses, damping
 
     # ------------------------------------------------------------------ costs
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
 DATA = BOOK / "data"  # recorded runs, JSON written by ``python -m natlib bench ...``
 
-_RECORD_NAME = re.compile(r"(?P<kind>kfac_benchmark_|scaling-)(?P<device>cpu|cuda)\.json")
+_RECORD_NAME = re.compile(
+    r"(?P<kind>kfac_benchmark_|scaling-|distributed-)(?P<device>cpu|cuda)\.json"
+)
 
 
 def book_notebooks() -> list[Path]:
@@ -26,18 +28,22 @@ def book_notebooks() -> list[Path]:
 def record_command(name: str) -> str:
     """The command that writes the recorded run ``book/data/<name>``, run from the repository root.
 
-    Known records are ``kfac_benchmark_<device>.json`` and ``scaling-<device>.json`` with
-    ``<device>`` ``cpu`` or ``cuda``.
+    Known records are ``kfac_benchmark_<device>.json``, ``scaling-<device>.json`` and
+    ``distributed-<device>.json`` with ``<device>`` ``cpu`` or ``cuda``.
+
+    Raises:
+        ValueError: ``name`` is not one of them.
     """
     match = _RECORD_NAME.fullmatch(name)
     if match is None:
         raise ValueError(
-            f"{name!r} is not a recorded run; known names are kfac_benchmark_<device>.json and "
-            "scaling-<device>.json with <device> cpu or cuda."
+            f"{name!r} is not a recorded run; known names are kfac_benchmark_<device>.json, "
+            "scaling-<device>.json and distributed-<device>.json with <device> cpu or cuda."
         )
     out = f"book/data/{name}"
-    if match["kind"] == "scaling-":
-        return f"python -m natlib bench scaling --device {match['device']} --out {out}"
+    if match["kind"] in ("scaling-", "distributed-"):
+        bench = match["kind"].rstrip("-")
+        return f"python -m natlib bench {bench} --device {match['device']} --out {out}"
     return f"NATLIB_DEVICE={match['device']} python -m natlib bench kfac --json {out}"
 
 
@@ -101,3 +107,67 @@ def execute(paths: Sequence[Path], timeout: int = 600) -> None:
         client.execute()
         nbformat.write(notebook, path)
         print(f"[{i}/{len(paths)}] {path} done in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+#: The marker of cells whose output nbval (and :func:`output_differences`) does not compare.
+IGNORE_OUTPUT = "# NBVAL_IGNORE_OUTPUT"
+#: The MIME types nbval compares (images as PNG or JPEG are skipped, as nbval skips them).
+COMPARED_TYPES = ("text/plain", "text/html", "image/svg+xml")
+SANITIZER = BOOK / "nbval_sanitize.cfg"
+
+
+def sanitizer(path: Path = SANITIZER) -> Callable[[str], str]:
+    """The regular-expression replacements of nbval's sanitizer file ``path`` (timings,
+    addresses, progress bars), as one function on text."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(path)
+    rules = [(re.compile(config[s]["regex"]), config[s]["replace"]) for s in config.sections()]
+
+    def apply(text: str) -> str:
+        for pattern, replacement in rules:
+            text = pattern.sub(replacement, text)
+        return text
+
+    return apply
+
+
+def printed(cell: dict) -> list[str]:
+    """What a code cell showed that nbval compares: streams, the :data:`COMPARED_TYPES` of
+    results and displays, and errors, in order."""
+    shown = []
+    for output in cell.get("outputs", []):
+        kind = output["output_type"]
+        if kind == "stream":
+            shown.append(f"[{output['name']}] {''.join(output['text'])}")
+        elif kind == "error":
+            shown.append(f"[error] {output['ename']}: {output['evalue']}")
+        else:
+            data = output.get("data", {})
+            shown += [f"[{t}] {''.join(data[t])}" for t in COMPARED_TYPES if t in data]
+    return shown
+
+
+def output_differences(stored: dict, fresh: dict, sanitize: Callable[[str], str]) -> list[str]:
+    """Every difference between two executions of a notebook (``nbformat`` notebooks) in what
+    their code cells printed, after ``sanitize``, skipping cells marked
+    :data:`IGNORE_OUTPUT`; one line per cell, naming it and the first lines that differ."""
+    cells = [(c, f) for c, f in zip(stored["cells"], fresh["cells"]) if c["cell_type"] == "code"]
+    if len(stored["cells"]) != len(fresh["cells"]):
+        return [f"{len(stored['cells'])} cells stored, {len(fresh['cells'])} executed"]
+    differences = []
+    for index, (old, new) in enumerate(cells, 1):
+        if IGNORE_OUTPUT in "".join(old["source"]):
+            continue
+        before = sanitize("\n".join(printed(old))).splitlines()
+        after = sanitize("\n".join(printed(new))).splitlines()
+        if before != after:
+            line = next(
+                (i for i, (a, b) in enumerate(zip(before, after)) if a != b),
+                min(len(before), len(after)),
+            )
+            was = before[line] if line < len(before) else "<nothing>"
+            now = after[line] if line < len(after) else "<nothing>"
+            differences.append(f"code cell {index}, line {line + 1}: stored {was!r}, now {now!r}")
+    return differences

@@ -43,7 +43,7 @@ from natlib.checks import (
 from natlib.ekfac import EKFACApproximation
 from natlib.exact import GGN, ExactCurvature, Fisher, Hessian
 from natlib.factors import Approximation
-from natlib.interface import RunningCurvature
+from natlib.interface import Communicator, RunningCurvature
 from natlib.kfac import KFACApproximation
 from natlib.layout import ParamLayout, Unsupported
 from natlib.linalg import DampingMode
@@ -79,7 +79,11 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         kl_clip: :math:`\kappa`, or ``None`` for no clipping.
         kind: the Fisher, ``"exact"``, ``"mc"`` or ``"empirical"``.
         mc_samples: targets drawn per example for ``kind="mc"``.
-        seed: seeds the generator for Monte-Carlo targets (saved in ``state_dict``).
+        seed: seeds the generator for Monte-Carlo targets (saved in ``state_dict``); each
+            process of a distributed run seeds it with ``communicator.seed(seed)``.
+        communicator: the :class:`natlib.interface.Communicator` hook that shares the curvature
+            between processes before each refresh (:mod:`natlib.distributed`); ``None``, the
+            single process, communicates nothing.
         options: passed to the curvature class (e.g. K-FAC's ``damping_mode``).
 
     Raises:
@@ -104,6 +108,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         kind: FisherKind = "exact",
         mc_samples: int = 1,
         seed: int = 0,
+        communicator: Communicator | None = None,
         **options: Any,
     ) -> None:
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
@@ -120,8 +125,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self.kind, self.mc_samples, self.options = kind, mc_samples, options
         self.steps = 0
         self.curvature: RunningCurvature | None = None
+        self.communicator = Communicator() if communicator is None else communicator
         device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(self.communicator.seed(seed))
         # The watcher checks kind and mc_samples.
         self.watcher = curvature.watch(
             model, loss_fn, kind=kind, mc_samples=mc_samples, generator=self.generator, **options
@@ -206,18 +212,21 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 naming the layer); parameters and optimiser state are then unchanged.
             RuntimeError: if a gradient is missing or no forward pass was recorded.
         """
-        loss, group, g = self._begin_step(closure)
-        # Work on a copy (update and refresh replace tensors, they never write into them) and
-        # keep it only once the step is sure to succeed, so a failure changes nothing.
-        curvature = copy.copy(self.curvature)
-        if self.steps % self.T_cov == 0:
-            batch = self.watcher.estimate()
-            if curvature is None:
-                curvature = batch
-            else:
-                curvature.update(batch, self.ema_decay)
-        if self.steps % self.T_inv == 0:
-            curvature.refresh(group["damping"])
+        refresh = self.steps % self.T_inv == 0
+        with self.communicator.guard(refresh):  # other processes learn of a failure here
+            loss, group, g = self._begin_step(closure)
+            # Work on a copy (update and refresh replace tensors, they never write into them)
+            # and keep it only once the step is sure to succeed, so a failure changes nothing.
+            curvature = copy.copy(self.curvature)
+            if self.steps % self.T_cov == 0:
+                batch = self.watcher.estimate()
+                if curvature is None:
+                    curvature = batch
+                else:
+                    curvature.update(batch, self.ema_decay)
+        if refresh:
+            self.communicator.reduce_factors(curvature)
+            self.communicator.refresh(curvature, group["damping"])
         delta = curvature.solve(g, curvature.damping)  # the last refresh's inverse
         check_finite(delta, "the preconditioned gradient")
         self.curvature = curvature
@@ -289,6 +298,8 @@ class KFAC(PreconditionedOptimizer):
         unsupported: ``"error"`` for any other module with parameters, or ``"gradient"`` to
             train their parameters by the plain gradient step :math:`\eta g / (1 + \lambda)`
             (LayerNorm, Embedding).
+        communicator: ``natlib.distributed.DistributedCommunicator()`` for data-parallel
+            K-FAC under ``torchrun`` (:mod:`natlib.distributed`).
 
     The other arguments are those of :class:`PreconditionedOptimizer`.
     """
@@ -311,6 +322,7 @@ class KFAC(PreconditionedOptimizer):
         approximation: Approximation = "expand",
         unsupported: Unsupported = "error",
         seed: int = 0,
+        communicator: Communicator | None = None,
     ) -> None:
         super().__init__(
             model,
@@ -327,6 +339,7 @@ class KFAC(PreconditionedOptimizer):
             kind,
             mc_samples,
             seed,
+            communicator,
             damping_mode=damping_mode,
             approximation=approximation,
             unsupported=unsupported,

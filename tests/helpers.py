@@ -38,15 +38,9 @@ def stdout(outputs: list[dict]) -> str:
 
 def nbval_sanitize(text: str) -> str:
     """Apply the book's nbval sanitizer (timings, addresses, progress bars) as nbval does."""
-    import configparser
-    import re
-    from pathlib import Path
+    from natlib.notebooks import sanitizer
 
-    config = configparser.ConfigParser()
-    config.read(Path(__file__).resolve().parent.parent / "book" / "nbval_sanitize.cfg")
-    for section in config.sections():
-        text = re.sub(config[section]["regex"], config[section]["replace"], text)
-    return text
+    return sanitizer()(text)
 
 
 def checkout_env() -> dict[str, str]:

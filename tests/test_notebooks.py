@@ -146,6 +146,9 @@ def test_record_command_for_each_kind_of_record():
     assert record_command("scaling-cpu.json") == (
         "python -m natlib bench scaling --device cpu --out book/data/scaling-cpu.json"
     )
+    assert record_command("distributed-cpu.json") == (
+        "python -m natlib bench distributed --device cpu --out book/data/distributed-cpu.json"
+    )
     with pytest.raises(ValueError, match="not a recorded run"):
         record_command("../scaling-cpu.json")
 
@@ -167,3 +170,59 @@ def test_scientific_writes_numbers_as_prose_does(value, digits, text):
 def test_scientific_rejects_what_it_cannot_write(value):
     with pytest.raises(ValueError, match="positive finite"):
         scientific(value)
+
+
+def _executed(*cells: tuple[str, list[dict]]) -> dict:
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    for source, outputs in cells:
+        cell = nbformat.v4.new_code_cell(source)
+        cell.outputs = [nbformat.from_dict(o) for o in outputs]
+        notebook.cells.append(cell)
+    return notebook
+
+
+def _stream(text: str) -> dict:
+    return {"output_type": "stream", "name": "stdout", "text": text}
+
+
+def test_output_differences_lists_each_cell_but_ignored_ones_and_sanitized_text():
+    from natlib.notebooks import output_differences, sanitizer
+
+    figure = {"output_type": "display_data", "metadata": {}, "data": {"image/png": "AAA"}}
+    stored = _executed(
+        ("print(1)", [_stream("a\nb = 1\n")]),
+        ("# NBVAL_IGNORE_OUTPUT\nt()", [_stream("3.1 s\n")]),
+        ("t()", [_stream("took 2.0 s\n"), figure]),
+        (
+            "x",
+            [
+                {
+                    "output_type": "execute_result",
+                    "execution_count": 1,
+                    "metadata": {},
+                    "data": {"text/plain": "0.5"},
+                }
+            ],
+        ),
+    )
+    fresh = _executed(
+        ("print(1)", [_stream("a\nb = 2\n")]),
+        ("# NBVAL_IGNORE_OUTPUT\nt()", [_stream("9.9 s\n")]),
+        ("t()", [_stream("took 7.5 s\n"), dict(figure, data={"image/png": "BBB"})]),
+        ("x", []),
+    )
+    assert output_differences(stored, stored, sanitizer()) == []
+    assert output_differences(stored, fresh, sanitizer()) == [
+        "code cell 1, line 2: stored 'b = 1', now 'b = 2'",
+        "code cell 4, line 1: stored '[text/plain] 0.5', now '<nothing>'",
+    ]
+
+
+def test_gpu_check_is_an_executable_script_with_a_cpu_dry_run():
+    import os
+
+    script = BOOK.parent / "scripts" / "gpu-check"
+    assert os.access(script, os.X_OK)
+    assert "--cpu-dry-run" in script.read_text()

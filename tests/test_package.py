@@ -3,8 +3,8 @@
 DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel ->
 problems, language, curvature, factors, interface -> kfac, exact, reference, gradient, lbfgs ->
 newton, approximations, adam, shampoo, ekfac, reparam, ... -> optim, hessianfree ->
-timing -> bench, scaling -> ``__main__``. No module imports a layer above its own or the
-package root's re-exports.
+timing, distributed -> bench, bench_distributed, scaling -> ``__main__`` (launch is layer 0).
+No module imports a layer above its own or the package root's re-exports.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ LAYERS = {
     "losses": 0,
     "plotting": 0,
     "notebooks": 0,
+    "launch": 0,
     "layout": 1,
     "linalg": 1,
     "costmodel": 1,
@@ -50,7 +51,9 @@ LAYERS = {
     "optim": 5,
     "hessianfree": 5,
     "timing": 6,
+    "distributed": 6,
     "bench": 7,
+    "bench_distributed": 7,
     "scaling": 7,
     "__main__": 8,
 }
