@@ -2,8 +2,8 @@ r"""Data-parallel K-FAC on ``torch.distributed``: the hooks :class:`natlib.optim
 
 Each process (rank) trains a replica wrapped in ``DistributedDataParallel`` on its share of
 every batch; DDP averages the gradients (the concatenated batch's gradient when the shares are
-equal, as :func:`shard` makes them up to one example). K-FAC's statistics are local until a refresh step
-(:math:`k \bmod T_\text{inv} = 0`), where :class:`DistributedCommunicator`
+equal, as :func:`shard` makes them up to one example). K-FAC's statistics are local until a
+refresh step (:math:`k \bmod T_\text{inv} = 0`), where :class:`DistributedCommunicator`
 
 1. **reduces** the running factors of rank :math:`r` (batch :math:`N_r`, :math:`N = \sum_r
    N_r`) to :math:`A = \sum_r \tfrac{N_r}{N} A_r`, :math:`G = \sum_r \tfrac{N_r}{N} G_r`: one

@@ -2,11 +2,11 @@
 ``{glue:text}`` role, never typed by hand.
 
 The rule: in the prose of a chapter's markdown cells and of the preface, outside inline code,
-roles (``{glue:text}`…```, ``{cite}`…```), display math and section numbers, a decimal (``2.7``), a percentage
-(``56 %``), a power of ten (``10⁻⁴``, ``4×10⁻⁴``) or, inside inline math, a decimal or a power
-of ten (``$7.5\\times10^{-5}$``) is a measured number and must be glued. Integers (sizes,
-widths, step counts, seeds) are settings and may be typed. ``ALLOWED`` lists the decimals that
-are constants or settings, each with where it comes from.
+roles (``{glue:text}`…```, ``{cite}`…```), display math and section numbers, a decimal
+(``2.7``), a percentage (``56 %``), a power of ten (``10⁻⁴``, ``4×10⁻⁴``) or, inside inline
+math, a decimal or a power of ten (``$7.5\\times10^{-5}$``) is a measured number and must be
+glued. Integers (sizes, widths, step counts, seeds) are settings and may be typed.
+``ALLOWED`` lists the decimals that are constants or settings, each with where it comes from.
 """
 
 from __future__ import annotations
