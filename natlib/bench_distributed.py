@@ -156,6 +156,22 @@ def worker(widths: list[int], repeats: int, out: Path) -> None:
         torch.distributed.destroy_process_group()
 
 
+def read_record(path: Path) -> DistributedRecord:
+    """Read a record written by ``python -m natlib bench distributed --out ...``.
+
+    Raises:
+        ValueError: if the file is not a record of this schema or misses a field.
+    """
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a {SCHEMA} record (schema {data.get('schema')!r}).")
+    try:
+        rows = [WidthTimes(**row) for row in data.pop("widths")]
+        return DistributedRecord(widths=rows, **data)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a complete {SCHEMA} record: {error}") from None
+
+
 def benchmark(
     device: str | torch.device | None = None,
     widths: tuple[int, ...] = WIDTHS,

@@ -40,6 +40,19 @@ def test_the_committed_record_matches_the_analytic_traffic():
         assert row["refresh_s"]["1"] > 0 and row["refresh_s"]["2"] > 0
 
 
+def test_the_committed_record_reads_back_and_names_a_bad_file(tmp_path):
+    record = bench_distributed.read_record(record_path("distributed-cpu.json"))
+    assert [w.width for w in record.widths] == list(bench_distributed.WIDTHS)
+    assert all(w.speedup(cpu=True) > 0 for w in record.widths)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "other"}))
+    with pytest.raises(ValueError, match="is not a natlib.distributed/1 record"):
+        bench_distributed.read_record(bad)
+    bad.write_text(json.dumps({"schema": bench_distributed.SCHEMA, "widths": []}))
+    with pytest.raises(ValueError, match="not a complete"):
+        bench_distributed.read_record(bad)
+
+
 def test_two_processes_on_cuda_need_two_gpus(monkeypatch):
     import torch
 
