@@ -28,10 +28,12 @@ single-process optimiser, with no distributed call.
 Launch with ``torchrun --nproc-per-node 2 script.py`` (``--nnodes``, ``--node-rank`` and
 ``--rdzv-endpoint`` across machines); in the script::
 
-    device = natlib.distributed.setup()            # gloo on the CPU, nccl on CUDA
+    device = natlib.distributed.setup()  # gloo on the CPU, nccl on CUDA
     model = problems.mlp([64, 32, 10]).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = KFAC(model, loss_fn, communicator=natlib.distributed.communicator())
+    optimizer = KFAC(
+        model, loss_fn, communicator=natlib.distributed.communicator()
+    )
     # the usual loop on ddp, each rank on its shard of the batch
 """
 
