@@ -33,10 +33,13 @@ from natlib.kfac import KFACApproximation
 
 SCHEMA = "natlib.distributed/1"
 WIDTHS = (128, 256, 512, 1024)
-DEPTH = 4  # square layers
+#: Square layers of each benchmarked MLP.
+DEPTH = 4
 PROCESSES = (1, 2)
+#: Timed refreshes per width and process count (the record keeps their median).
 REPEATS = 5
 DAMPING = 1e-3
+#: Seconds a benchmark run may take before its processes are stopped.
 TIMEOUT_S = 600.0
 #: Who reads the record; written into it so that a re-run keeps the readers in mind.
 READERS = "book/04_scaling.ipynb ('Beyond one machine') loads this record"
