@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,8 @@ from natlib.coordinates import Elementwise as Elementwise
 from natlib.coordinates import Exp as Exp
 from natlib.coordinates import Reparametrization as Reparametrization
 from natlib.coordinates import Sinh as Sinh
-from natlib.losses import likelihood
+from natlib.exact import ExactCurvature, Fisher, Hessian
+from natlib.losses import FisherKind, likelihood
 
 
 def _unflatten(model: nn.Module, theta: Tensor) -> dict[str, Tensor]:
@@ -91,7 +92,14 @@ class Reparametrized(nn.Module):
 
 
 Rule = Literal["gd", "ngd", "newton", "diag_fisher", "rms_emp"]
-RULES: tuple[str, ...] = ("gd", "ngd", "newton", "diag_fisher", "rms_emp")
+RULES: tuple[str, ...] = get_args(Rule)
+#: The rules that pseudo-solve with a dense curvature matrix, by its class.
+DENSE_RULES: dict[str, type[ExactCurvature]] = {"ngd": Fisher, "newton": Hessian}
+#: The rules that divide by the diagonal of the Fisher: its kind and the power applied.
+DIAGONAL_RULES: dict[str, tuple[FisherKind, float]] = {
+    "diag_fisher": ("exact", 1.0),
+    "rms_emp": ("empirical", 0.5),
+}
 
 
 def direction(
@@ -117,8 +125,12 @@ def direction(
       2015; Balles & Hennig, 2018).
 
     :math:`^{+}` is the Moore-Penrose pseudo-inverse (the inverse when the matrix is
-    invertible). Curvature comes from :mod:`natlib.curvature`, so a :class:`Reparametrized`
-    model gets :math:`F_\\phi`, :math:`H_\\phi` and takes its step in φ.
+    invertible). The curvature objects are :class:`natlib.exact.Fisher` and
+    :class:`natlib.exact.Hessian` (:data:`DENSE_RULES`, :data:`DIAGONAL_RULES`), so a
+    :class:`Reparametrized` model gets :math:`F_\\phi`, :math:`H_\\phi` and takes its step in
+    φ. The diagonal rules read the dense Fisher's diagonal (:math:`O(NP^2)`); for large models
+    :class:`natlib.approximations.DiagonalFisher` gives it in :math:`O(NP)` time and
+    :math:`O(P)` memory, equal up to round-off.
 
     Warns (``RuntimeWarning``) when ``damping`` is positive but the damped matrix is not
     numerically positive definite, so the pseudo-inverse stands in for the inverse.
@@ -132,13 +144,16 @@ def direction(
     g = curvature.flat_gradient(model, loss_fn, X, y)
     if rule == "gd":
         return g
-    if rule in ("ngd", "newton"):
-        matrix = curvature.fisher if rule == "ngd" else curvature.hessian
-        C = matrix(model, loss_fn, X, y)
+    if rule in DENSE_RULES:
+        matrix = DENSE_RULES[rule]
+        C = matrix.from_batch(model, loss_fn, X, y).to_dense()
         damped = C + damping * torch.eye(len(C), dtype=C.dtype, device=C.device)
-        return _pseudo_solve(damped, g, damping, "Fisher" if rule == "ngd" else "Hessian")
-    kind, power = ("exact", 1.0) if rule == "diag_fisher" else ("empirical", 0.5)
-    diagonal = torch.diagonal(curvature.fisher(model, loss_fn, X, y, kind=kind)) + damping
+        return _pseudo_solve(damped, g, damping, matrix.what)
+    kind, power = DIAGONAL_RULES[rule]
+    # The dense Fisher's diagonal, not DiagonalFisher's squared per-example gradients: those
+    # agree to round-off only, and chapter 1 glues these discrepancies at full precision.
+    fisher = Fisher.from_batch(model, loss_fn, X, y, kind=kind).to_dense()
+    diagonal = torch.diagonal(fisher) + damping
     d = g / diagonal**power
     if not torch.isfinite(d).all():
         raise ValueError(f"rule {rule!r}: the curvature's diagonal has zeros; use damping > 0.")
@@ -268,7 +283,7 @@ def _comparison(
     phi: Tensor,
 ) -> Comparison:
     theta_via_phi = reparam.forward(phi)
-    predict = _predictor(loss_fn)
+    predict = likelihood(loss_fn).predictive_mean
     with torch.no_grad():
         f, f_via_phi = (
             torch.func.vmap(lambda t: predict(outputs(model, t, X)))(run)
@@ -288,16 +303,3 @@ def _relative_discrepancy(reference: Tensor, other: Tensor) -> Tensor:
     return torch.linalg.vector_norm(moved_other - moved, dim=1) / torch.linalg.vector_norm(
         moved, dim=1
     )
-
-
-_PREDICTORS = {
-    nn.CrossEntropyLoss: lambda f: f.softmax(-1),
-    nn.BCEWithLogitsLoss: torch.sigmoid,
-    nn.MSELoss: lambda f: f,
-}
-
-
-def _predictor(loss_fn: nn.Module):
-    """The prediction :math:`\\mathbb{E}[y \\mid f]` behind a supported loss."""
-    likelihood(loss_fn)  # rejects unsupported losses with the list of supported ones
-    return _PREDICTORS[type(loss_fn)]
