@@ -7,14 +7,12 @@ they are compared with; the slow per-example references come from :mod:`natlib.r
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
 
 from natlib import curvature, language, problems, timing
 from natlib.adam import AdamPreconditioner
@@ -24,9 +22,9 @@ from natlib.exact import Fisher
 from natlib.interface import Curvature, RunningCurvature
 from natlib.kfac import KFACApproximation
 from natlib.lbfgs import LBFGSOperator
-from natlib.losses import likelihood
 from natlib.optim import KFAC
 from natlib.reference import naive_fisher
+from natlib.reference import vmap_einsum_fisher as vmap_einsum_fisher
 from natlib.shampoo import ShampooPreconditioner
 
 DIGITS_SIZES = (64, 20, 20, 20, 20, 20, 10)
@@ -66,22 +64,6 @@ class CurvatureBenchmark:
         )
 
 
-def vmap_einsum_fisher(model: nn.Module, loss_fn: nn.Module, X: Tensor) -> Tensor:
-    r"""The straightforward vectorised baseline: all Jacobians by ``vmap(jacrev)``, then
-    :math:`r \sum_n J_n^\top \Lambda_n J_n` by one ``einsum`` (memory :math:`O(NCP)`)."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    lik = likelihood(loss_fn)
-
-    def output(p: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(model, p, (x.unsqueeze(0),))[0]
-
-    jacobians = vmap(jacrev(output), in_dims=(None, 0))(params, X)
-    J = torch.cat([j.flatten(2) for j in jacobians.values()], dim=2)  # (N, C, P)
-    f = model(X).detach()
-    hessians = lik.scale(f) * lik.hessian(f)
-    return torch.einsum("nip,nij,njq->pq", J, hessians, J)
-
-
 def _relative(a: Tensor, b: Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
@@ -95,7 +77,7 @@ def curvature_benchmark(
 ) -> CurvatureBenchmark:
     """Time the exact Fisher of a tanh network (default 64-20-20-20-20-20-10) on the digits
     (default all 1,797) in float64 on ``device`` (default :func:`natlib.runtime.device`)
-    against :func:`vmap_einsum_fisher` and :func:`natlib.reference.naive_fisher`.
+    against :func:`natlib.reference.vmap_einsum_fisher` and :func:`natlib.reference.naive_fisher`.
 
     The naive loop runs on the first ``naive_examples`` examples and is extrapolated linearly
     (its cost is a sum of identical per-example terms).
@@ -197,31 +179,6 @@ class KFACBenchmark:
         return "\n".join(lines)
 
 
-def _step_seconds(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    makers: dict[str, tuple[Callable[[nn.Module], torch.optim.Optimizer], int]],
-    rounds: int,
-) -> dict[str, float]:
-    """Seconds per step of each ``(make optimiser, steps per cycle)``, each on its own copy of
-    ``model``: a warm-up cycle, then medians of ``rounds`` interleaved rounds of one cycle."""
-    cycles = {}
-    for key, (make, steps) in makers.items():
-        net = copy.deepcopy(model)
-        cycles[key] = (timing.training_step(net, make(net), loss_fn, X, y, steps), steps)
-    for run, _ in cycles.values():
-        run()  # warm-up, and the first factor and inverse update
-    return timing.interleaved_medians(
-        {
-            key: (lambda run=run, n=n: timing.median_seconds(run, min_run_time=0.0) / n)
-            for key, (run, n) in cycles.items()
-        },
-        rounds,
-    )
-
-
 def kfac_benchmark(
     rounds: int = 3,
     widths: tuple[int, ...] = KFAC_WIDTHS,
@@ -257,7 +214,7 @@ def kfac_benchmark(
                 ),
                 T_inv,
             )
-    step_s = _step_seconds(model, loss_fn, X, y, makers, rounds)
+    step_s = timing.cycle_step_seconds(model, loss_fn, X, y, makers, rounds)
     sgd_s = step_s.pop("sgd")
 
     shares, factors_s = {}, {}
@@ -375,7 +332,7 @@ def architecture_benchmark(
             ),
             T_inv,
         )
-    step_s = _step_seconds(model, loss_fn, X, y, makers, rounds)
+    step_s = timing.cycle_step_seconds(model, loss_fn, X, y, makers, rounds)
     return ArchitectureBenchmark(
         model=name,
         parameters=sum(p.numel() for p in model.parameters()),

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from natlib.checks import check_positive, check_positive_int, check_unit_interval
 from natlib.exact import GGN
 from natlib.linalg import conjugate_gradient
-from natlib.optim import PreconditionedOptimizer
+from natlib.preconditioned import PreconditionedOptimizer
 
 BOOST, DROP = 3 / 2, 2 / 3  # damping factors of Martens (2010, §4.1)
 LOW_RATIO, HIGH_RATIO = 1 / 4, 3 / 4  # reduction ratios below and above which they apply
@@ -88,10 +88,11 @@ class HessianFree(PreconditionedOptimizer):
     r"""Hessian-free optimisation (Martens, 2010), as in the module's numbered steps.
 
     It trains with the usual loop (``zero_grad``, ``loss_fn(model(X), y).backward()``,
-    ``step()``, or ``step(closure)``): the hooks of :class:`natlib.optim.PreconditionedOptimizer`
-    and :class:`natlib.exact.LossWatcher` record the batch, its targets and its loss, which the
-    step re-evaluates at :math:`\theta + p`. The damping lives in the parameter group and
-    changes every step; ``last`` describes the last step.
+    ``step()``, or ``step(closure)``): the hooks of
+    :class:`natlib.preconditioned.PreconditionedOptimizer` and :class:`natlib.exact.LossWatcher`
+    record the batch, its targets and its loss, which the step re-evaluates at
+    :math:`\theta + p`. The damping lives in the parameter group and changes every step;
+    ``last`` describes the last step.
 
     Args:
         lr: :math:`\eta` (1 is Martens's step).

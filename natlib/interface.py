@@ -14,7 +14,7 @@ Running estimates (:class:`RunningCurvature`) add ``update(batch, decay)``, the 
 average :math:`C \leftarrow \varepsilon C + (1 - \varepsilon) C_\text{batch}`, ``refresh(damping)``,
 the expensive work redone every :math:`T_\text{inv}` steps (decompositions, inverses), and a
 :class:`Watcher` that turns a training loop's own forward (and backward) pass into a batch
-estimate, so that :class:`natlib.optim.PreconditionedOptimizer` can drive any of them.
+estimate, so that :class:`natlib.preconditioned.PreconditionedOptimizer` can drive any of them.
 ``solve`` uses the inverse of the last ``refresh`` and refreshes only when none exists or the
 damping changed, so it can be stale on purpose between refreshes.
 """
@@ -176,7 +176,7 @@ class RunningCurvature(Curvature):
 
 
 class Communicator:
-    r"""The hook through which :class:`natlib.optim.PreconditionedOptimizer` shares its
+    r"""The hook through which :class:`natlib.preconditioned.PreconditionedOptimizer` shares its
     curvature between processes; this base class is the single process, which shares nothing.
 
     At a refresh step (:math:`k \bmod T_\text{inv} = 0`) the optimiser calls, in order,

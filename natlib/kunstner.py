@@ -19,8 +19,10 @@ steps). :meth:`LinearRegression.as_torch` gives the same data term as a model an
 :mod:`natlib.curvature` takes, and the tests check the closed forms against it.
 
 **Figure 2.** Logistic regression on three data sets from their code, one well specified and
-two misspecified; :func:`misspecification` compares the Fisher and the empirical Fisher at
-the maximum-likelihood parameters, both from :mod:`natlib.curvature`.
+two misspecified (:func:`natlib.problems.kunstner_logistic`, re-exported here as
+``logistic_dataset`` with ``LOGISTIC_DATASETS``); :func:`misspecification` compares the
+Fisher and the empirical Fisher at the maximum-likelihood parameters, both from
+:mod:`natlib.curvature`.
 """
 
 from __future__ import annotations
@@ -29,17 +31,20 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from natlib import curvature
+from natlib.checks import check_choice
+from natlib.problems import LOGISTIC_DATASETS as LOGISTIC_DATASETS
+from natlib.problems import LogisticDataset as LogisticDataset
+from natlib.problems import kunstner_logistic as logistic_dataset  # noqa: F401 (re-export)
 
 Preconditioner = Literal["gd", "ngd", "ef"]
-PRECONDITIONERS = ("gd", "ngd", "ef")
-LogisticDataset = Literal["well-specified", "misspecified noise", "misspecified model"]
-LOGISTIC_DATASETS = ("well-specified", "misspecified noise", "misspecified model")
+#: The preconditioners :func:`field` accepts.
+PRECONDITIONERS: tuple[str, ...] = get_args(Preconditioner)
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,15 @@ def field(
     r"""The vector field :math:`\theta \mapsto -\gamma (C(\theta) + \lambda I)^{-1}\nabla L`.
 
     :math:`C = I` (``"gd"``, with no damping), the Fisher (``"ngd"``) or the empirical Fisher
-    (``"ef"``), as in Kunstner et al. (2019, Fig. 1).
+    (``"ef"``), as in Kunstner et al. (2019, Fig. 1). The matrices are
+    :class:`LinearRegression`'s closed forms, batched over many :math:`\theta` at once for
+    :func:`flow`; the tests check them against :func:`natlib.curvature.fisher` (kinds
+    ``"exact"`` and ``"empirical"``) on :meth:`LinearRegression.as_torch`.
+
+    Raises:
+        ValueError: for a preconditioner not in :data:`PRECONDITIONERS`.
     """
-    if preconditioner not in PRECONDITIONERS:
-        raise ValueError(f"preconditioner {preconditioner!r} is not one of {PRECONDITIONERS}.")
+    check_choice("preconditioner", preconditioner, Preconditioner)
     eye = torch.eye(problem.X.shape[1], dtype=problem.X.dtype, device=problem.X.device)
 
     def vector(theta: Tensor) -> Tensor:
@@ -158,38 +168,6 @@ def path_ratio(path: Tensor) -> Tensor:
     """Path length over straight-line distance from start to end, for each path in ``path``."""
     length = (path[1:] - path[:-1]).norm(dim=-1).sum(0)
     return length / (path[-1] - path[0]).norm(dim=-1)
-
-
-def logistic_dataset(
-    name: LogisticDataset, n: int = 1000, seed: int = 0, dtype: torch.dtype | None = None
-) -> tuple[Tensor, Tensor]:
-    r"""Two Gaussian classes of ``n // 2`` points each, labels 0 and 1 (Kunstner et al., Fig. 2).
-
-    ``"well-specified"``: means :math:`\pm(1, 1)`, equal isotropic covariances, so the log-odds
-    are linear and logistic regression without bias is the true model; ``"misspecified
-    noise"``: means :math:`\pm(1.5, 1.5)`, covariances :math:`9I` and :math:`I`;
-    ``"misspecified model"``: means :math:`\pm(1, 1)`, covariances with correlations of
-    opposite sign. Both misspecified sets have quadratic log-odds.
-    """
-    if name not in LOGISTIC_DATASETS:
-        raise ValueError(f"dataset {name!r} is not one of {LOGISTIC_DATASETS}.")
-    generator = torch.Generator().manual_seed(seed)
-    half = n // 2
-    shift, scale0, scale1 = {
-        "well-specified": (1.0, 2 * torch.eye(2), 2 * torch.eye(2)),
-        "misspecified noise": (1.5, 3 * torch.eye(2), torch.eye(2)),
-        "misspecified model": (
-            1.0,
-            1.5 * torch.tensor([[1.0, -0.6], [-0.6, 1.0]]),
-            1.5 * torch.tensor([[1.0, 0.6], [0.6, 1.0]]),
-        ),
-    }[name]
-    mean = torch.full((2,), shift, dtype=torch.float64)
-    z = torch.randn(2 * half, 2, generator=generator, dtype=torch.float64)
-    X = torch.cat([mean + z[:half] @ scale0.double(), -mean + z[half:] @ scale1.double()])
-    y = torch.cat([torch.zeros(half), torch.ones(half)]).double()
-    dtype = dtype or torch.get_default_dtype()
-    return X.to(dtype), y.to(dtype)
 
 
 @dataclass(frozen=True)

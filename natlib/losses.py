@@ -11,7 +11,9 @@ K-FAC share one definition of
   :math:`y` for these losses, and equal to :math:`\mathbb{E}_{y \sim p(\cdot\mid f_n)}
   [\nabla_f \ell \, \nabla_f \ell^\top]`, which is why the Fisher equals the GGN
   (Martens, 2020, §9.2)), a square-root factor :math:`B_n` with :math:`\Lambda_n = B_n B_n^\top`,
-- sampling targets from :math:`p(y \mid f_n)` for the Monte-Carlo Fisher.
+- sampling targets from :math:`p(y \mid f_n)` for the Monte-Carlo Fisher,
+- the predictive mean :math:`\mathbb{E}[y \mid f]` and the KL divergence between the
+  distributions of two outputs.
 
 Outputs are ``(N, C)`` matrices; ``curvature`` reshapes other output shapes to that.
 """
@@ -97,6 +99,18 @@ class Likelihood(ABC):
     @abstractmethod
     def sample(self, output: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
         r"""``num_samples`` targets per example from :math:`p(y \mid f_n)`, stacked first."""
+
+    @abstractmethod
+    def predictive_mean(self, output: Tensor) -> Tensor:
+        r"""The prediction :math:`\mathbb{E}[y \mid f]` for outputs ``(..., C)``: class
+        probabilities :math:`\mathrm{softmax}(f)`, success probabilities :math:`\sigma(f)` or
+        the regression output :math:`f` itself."""
+
+    @abstractmethod
+    def kl_divergence(self, output: Tensor, other: Tensor) -> Tensor:
+        r""":math:`\mathrm{KL}(p(\cdot \mid f) \,\|\, p(\cdot \mid f'))` per example for
+        outputs ``(..., C)`` :math:`f` (``output``) and :math:`f'` (``other``), shape ``(...)``;
+        its Hessian in :math:`f'` at :math:`f' = f` is :math:`\Lambda` (Martens, 2020, §9.2)."""
 
     def fisher_cotangents(
         self,
@@ -189,6 +203,9 @@ class Categorical(Likelihood):
         p = output.softmax(-1)
         return torch.multinomial(p, num_samples, replacement=True, generator=generator).T
 
+    def predictive_mean(self, output: Tensor) -> Tensor:
+        return output.softmax(-1)
+
     def kl_divergence(self, output: Tensor, other: Tensor) -> Tensor:
         log_p = output.log_softmax(-1)
         return (log_p.exp() * (log_p - other.log_softmax(-1))).sum(-1)
@@ -226,6 +243,9 @@ class Gaussian(Likelihood):
         )
         return output + math.sqrt(0.5) * noise
 
+    def predictive_mean(self, output: Tensor) -> Tensor:
+        return output
+
     def kl_divergence(self, output: Tensor, other: Tensor) -> Tensor:
         return (output - other).square().sum(-1)
 
@@ -258,6 +278,9 @@ class Bernoulli(Likelihood):
     def sample(self, output: Tensor, num_samples: int, generator: torch.Generator | None) -> Tensor:
         p = torch.sigmoid(output).expand(num_samples, *output.shape)
         return torch.bernoulli(p, generator=generator)
+
+    def predictive_mean(self, output: Tensor) -> Tensor:
+        return torch.sigmoid(output)
 
     def kl_divergence(self, output: Tensor, other: Tensor) -> Tensor:
         p = torch.sigmoid(output)

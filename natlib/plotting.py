@@ -1,4 +1,9 @@
-"""One figure style for the whole book, and small plotting helpers."""
+"""One figure style for the whole book, and small plotting helpers.
+
+Importing this module installs the style (:func:`use_style`), so a notebook that imports it
+draws every figure in the book's style; call :func:`use_style` again after changing
+``matplotlib.rcParams``.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +36,6 @@ STYLE = {
 def use_style() -> None:
     """Install the book's figure style (white background, readable sizes, Okabe-Ito colours)."""
     mpl.rcParams.update(STYLE)
+
+
+use_style()

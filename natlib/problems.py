@@ -11,12 +11,12 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from natlib.checks import check_float_dtype, check_integer, check_seed
+from natlib.checks import check_choice, check_float_dtype, check_integer, check_seed
 
 Activation = Literal["tanh", "relu", "sigmoid", "identity"]
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -197,6 +197,45 @@ def logistic_toy(
     (X_train, y_train), (X_test, y_test) = draw(), draw()
     theta = theta_star.to(dtype=dtype, device=device)
     return Problem("logistic-toy", X_train, y_train, X_test, y_test, nn.BCEWithLogitsLoss(), theta)
+
+
+LogisticDataset = Literal["well-specified", "misspecified noise", "misspecified model"]
+#: The data sets :func:`kunstner_logistic` draws.
+LOGISTIC_DATASETS: tuple[str, ...] = get_args(LogisticDataset)
+
+
+def kunstner_logistic(
+    name: LogisticDataset, n: int = 1000, seed: int = 0, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Two Gaussian classes of ``n // 2`` points each, labels 0 and 1 (Kunstner et al., Fig. 2).
+
+    ``"well-specified"``: means :math:`\pm(1, 1)`, equal isotropic covariances, so the log-odds
+    are linear and logistic regression without bias is the true model; ``"misspecified
+    noise"``: means :math:`\pm(1.5, 1.5)`, covariances :math:`9I` and :math:`I`;
+    ``"misspecified model"``: means :math:`\pm(1, 1)`, covariances with correlations of
+    opposite sign. Both misspecified sets have quadratic log-odds.
+
+    Raises:
+        ValueError: for a name not in :data:`LOGISTIC_DATASETS`.
+    """
+    check_choice("dataset", name, LogisticDataset)
+    generator = torch.Generator().manual_seed(seed)
+    half = n // 2
+    shift, scale0, scale1 = {
+        "well-specified": (1.0, 2 * torch.eye(2), 2 * torch.eye(2)),
+        "misspecified noise": (1.5, 3 * torch.eye(2), torch.eye(2)),
+        "misspecified model": (
+            1.0,
+            1.5 * torch.tensor([[1.0, -0.6], [-0.6, 1.0]]),
+            1.5 * torch.tensor([[1.0, 0.6], [0.6, 1.0]]),
+        ),
+    }[name]
+    mean = torch.full((2,), shift, dtype=torch.float64)
+    z = torch.randn(2 * half, 2, generator=generator, dtype=torch.float64)
+    X = torch.cat([mean + z[:half] @ scale0.double(), -mean + z[half:] @ scale1.double()])
+    y = torch.cat([torch.zeros(half), torch.ones(half)]).double()
+    dtype = dtype or torch.get_default_dtype()
+    return X.to(dtype), y.to(dtype)
 
 
 PROBLEMS: dict[str, Callable[..., Problem]] = {

@@ -15,7 +15,9 @@ entries):
 - :func:`naive_fisher`: :math:`r \sum_n J_n^\top \Lambda_n J_n`, :math:`\Lambda_n` the
   closed-form output Hessian of :mod:`natlib.losses` (for these losses the Fisher equals the
   GGN);
-- :func:`naive_empirical_fisher`: :math:`r \sum_n g_n g_n^\top` (Kunstner et al., 2019).
+- :func:`naive_empirical_fisher`: :math:`r \sum_n g_n g_n^\top` (Kunstner et al., 2019);
+- :func:`vmap_einsum_fisher`: the Fisher again, vectorised the straightforward way (all
+  Jacobians at once), the benchmark's middle baseline.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import copy
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
 
 from natlib.losses import likelihood
 
@@ -108,3 +111,19 @@ def naive_fisher(model: nn.Module, loss_fn: nn.Module, X: Tensor) -> Tensor:
         J = naive_jacobian(model, X[n])
         F += J.T @ lik.hessian(f[n : n + 1])[0] @ J
     return lik.scale(f) * F
+
+
+def vmap_einsum_fisher(model: nn.Module, loss_fn: nn.Module, X: Tensor) -> Tensor:
+    r"""The straightforward vectorised baseline: all Jacobians by ``vmap(jacrev)``, then
+    :math:`r \sum_n J_n^\top \Lambda_n J_n` by one ``einsum`` (memory :math:`O(NCP)`)."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    lik = likelihood(loss_fn)
+
+    def output(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, p, (x.unsqueeze(0),))[0]
+
+    jacobians = vmap(jacrev(output), in_dims=(None, 0))(params, X)
+    J = torch.cat([j.flatten(2) for j in jacobians.values()], dim=2)  # (N, C, P)
+    f = model(X).detach()
+    hessians = lik.scale(f) * lik.hessian(f)
+    return torch.einsum("nip,nij,njq->pq", J, hessians, J)

@@ -1,6 +1,7 @@
 """Reparametrisations :math:`\\theta = h(\\phi)` and how optimisers' steps change under them.
 
-A :class:`Reparametrization` maps new coordinates φ to a model's parameters θ (flat, in
+A :class:`~natlib.coordinates.Reparametrization` (:mod:`natlib.coordinates`, whose maps are
+re-exported here) maps new coordinates φ to a model's parameters θ (flat, in
 ``parameters_to_vector`` order). :class:`Reparametrized` wraps a model so that φ is its only
 parameter; then ``natlib.curvature`` applied to it yields :math:`F_\\phi` and :math:`H_\\phi`
 directly, and one update rule (:func:`direction`) serves both coordinate systems.
@@ -12,10 +13,9 @@ several sizes (Amari, 1998; Martens, 2020).
 from __future__ import annotations
 
 import copy
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -29,221 +29,14 @@ from natlib.checks import (
     check_positive_int,
     warn_pseudo_inverse,
 )
-from natlib.losses import likelihood
-
-
-def _check_vector(name: str, value: Tensor, size: int | None = None) -> None:
-    if not isinstance(value, Tensor) or value.dim() < 1:
-        raise ValueError(f"{name} must be a tensor of shape (..., P), got {value!r}.")
-    if size is not None and value.shape[-1] != size:
-        raise ValueError(
-            f"{name} has {value.shape[-1]} entries in its last dimension; this map acts on {size}."
-        )
-
-
-def _log_uniform(
-    size: int, spread: float, generator: torch.Generator | None, dtype: torch.dtype | None
-) -> Tensor:
-    """``size`` factors :math:`e^u` with :math:`u \\sim \\mathcal{U}[-s, s]`, s = ``spread``."""
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}.")
-    if not spread >= 0.0:
-        raise ValueError(f"spread must be non-negative, got {spread}.")
-    u = torch.rand(size, generator=generator, dtype=dtype or torch.get_default_dtype())
-    return torch.exp(spread * (2.0 * u - 1.0))
-
-
-class Reparametrization(ABC):
-    """A smooth bijection :math:`\\theta = h(\\phi)` with inverse and Jacobian.
-
-    ``forward`` and ``inverse`` act on the last dimension of tensors of shape ``(..., P)``;
-    ``jacobian`` returns :math:`J = \\partial\\theta / \\partial\\phi` of shape ``(P, P)`` at one
-    point φ of shape ``(P,)``.
-    """
-
-    @abstractmethod
-    def forward(self, phi: Tensor) -> Tensor:
-        """:math:`\\theta = h(\\phi)`."""
-
-    @abstractmethod
-    def inverse(self, theta: Tensor) -> Tensor:
-        """:math:`\\phi = h^{-1}(\\theta)`."""
-
-    @abstractmethod
-    def jacobian(self, phi: Tensor) -> Tensor:
-        """:math:`J_{ij} = \\partial\\theta_i / \\partial\\phi_j` at ``phi`` of shape ``(P,)``."""
-
-    def __call__(self, phi: Tensor) -> Tensor:
-        return self.forward(phi)
-
-
-class Elementwise(Reparametrization):
-    """:math:`\\theta_i = h(\\phi_i)` per coordinate, so :math:`J = \\mathrm{diag}\\,h'(\\phi)`.
-
-    Subclasses define ``_h``, ``_h_inverse`` and ``_h_prime``; ``size`` (``None`` for any) is
-    the number of coordinates the map acts on.
-    """
-
-    size: int | None = None
-
-    @abstractmethod
-    def _h(self, phi: Tensor) -> Tensor: ...
-
-    @abstractmethod
-    def _h_inverse(self, theta: Tensor) -> Tensor: ...
-
-    @abstractmethod
-    def _h_prime(self, phi: Tensor) -> Tensor: ...
-
-    def forward(self, phi: Tensor) -> Tensor:
-        _check_vector("phi", phi, self.size)
-        return self._h(phi)
-
-    def inverse(self, theta: Tensor) -> Tensor:
-        _check_vector("theta", theta, self.size)
-        return self._h_inverse(theta)
-
-    def jacobian(self, phi: Tensor) -> Tensor:
-        _check_vector("phi", phi, self.size)
-        if phi.dim() != 1:
-            raise ValueError(f"jacobian needs one point phi of shape (P,), got {tuple(phi.shape)}.")
-        return torch.diag(self._h_prime(phi))
-
-
-class DiagonalScaling(Elementwise):
-    """:math:`\\theta = s \\odot \\phi` for fixed non-zero, finite scales :math:`s`.
-
-    Gradient descent in φ takes the θ-step :math:`-\\eta\\, s^2 \\odot \\nabla_\\theta L`.
-    """
-
-    def __init__(self, scales: Tensor):
-        if not isinstance(scales, Tensor) or scales.dim() != 1 or scales.numel() == 0:
-            raise ValueError(f"scales must be a non-empty 1-D tensor, got {scales!r}.")
-        if not torch.isfinite(scales).all() or (scales == 0).any():
-            raise ValueError("scales must be finite and non-zero, or the map is not invertible.")
-        self.scales = scales
-        self.size = scales.numel()
-
-    @classmethod
-    def random(
-        cls,
-        size: int,
-        spread: float = 3.0,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> DiagonalScaling:
-        """Scales :math:`e^u`, :math:`u \\sim \\mathcal{U}[-\\text{spread}, \\text{spread}]`."""
-        return cls(_log_uniform(size, spread, generator, dtype))
-
-    def to(self, device: torch.device | str) -> DiagonalScaling:
-        """The same map with its scales on ``device``."""
-        return DiagonalScaling(self.scales.to(device))
-
-    def _h(self, phi: Tensor) -> Tensor:
-        return self.scales * phi
-
-    def _h_inverse(self, theta: Tensor) -> Tensor:
-        return theta / self.scales
-
-    def _h_prime(self, phi: Tensor) -> Tensor:
-        return self.scales.expand_as(phi).clone()
-
-
-class Sinh(Elementwise):
-    """:math:`\\theta = \\sinh\\phi`: linear near 0, exponential far out; :math:`h'' \\ne 0`."""
-
-    def _h(self, phi: Tensor) -> Tensor:
-        return torch.sinh(phi)
-
-    def _h_inverse(self, theta: Tensor) -> Tensor:
-        return torch.asinh(theta)
-
-    def _h_prime(self, phi: Tensor) -> Tensor:
-        return torch.cosh(phi)
-
-
-class Exp(Elementwise):
-    """:math:`\\theta = e^\\phi` (:math:`\\phi = \\log\\theta`), for positive parameters only."""
-
-    def _h(self, phi: Tensor) -> Tensor:
-        return torch.exp(phi)
-
-    def _h_inverse(self, theta: Tensor) -> Tensor:
-        if not (theta > 0).all():
-            raise ValueError("Exp maps onto positive parameters; theta has entries <= 0.")
-        return torch.log(theta)
-
-    def _h_prime(self, phi: Tensor) -> Tensor:
-        return torch.exp(phi)
-
-
-class Affine(Reparametrization):
-    """:math:`\\theta = A\\phi + b` for an invertible :math:`P \\times P` matrix :math:`A`.
-
-    Gradient descent in φ takes the θ-step :math:`-\\eta A A^\\top \\nabla_\\theta L`; the
-    natural-gradient step is unchanged for every η (Martens, 2020).
-    """
-
-    def __init__(self, A: Tensor, b: Tensor | None = None):
-        if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != A.shape[1] or not A.numel():
-            shape = tuple(A.shape) if isinstance(A, Tensor) else A
-            raise ValueError(f"A must be a square, non-empty matrix, got {shape}.")
-        size = A.shape[0]
-        b = torch.zeros(size, dtype=A.dtype, device=A.device) if b is None else b
-        if not isinstance(b, Tensor) or b.shape != (size,):
-            raise ValueError(f"b must have shape ({size},) to match A, got {tuple(b.shape)}.")
-        if not (torch.isfinite(A).all() and torch.isfinite(b).all()):
-            raise ValueError("A and b must be finite.")
-        cond = torch.linalg.cond(A).item()
-        if not cond < 1.0 / (size * torch.finfo(A.dtype).eps):
-            raise ValueError(
-                f"A is singular to working precision (condition number {cond:.3g}); "
-                "a reparametrisation must be invertible."
-            )
-        self.A, self.b, self.size = A, b, size
-
-    @classmethod
-    def random(
-        cls,
-        size: int,
-        spread: float = 3.0,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> Affine:
-        """A dense :math:`A = U \\mathrm{diag}(s) V^\\top` and :math:`b \\sim \\mathcal{N}(0, I)`.
-
-        :math:`U, V` are Haar-random orthogonal and the singular values :math:`s = e^u`,
-        :math:`u \\sim \\mathcal{U}[-\\text{spread}, \\text{spread}]`, match
-        :meth:`DiagonalScaling.random`.
-        """
-        s = _log_uniform(size, spread, generator, dtype)
-        U, V = (_haar_orthogonal(size, generator, s.dtype) for _ in range(2))
-        b = torch.randn(size, generator=generator, dtype=s.dtype)
-        return cls(U * s @ V.T, b)
-
-    def to(self, device: torch.device | str) -> Affine:
-        """The same map with ``A`` and ``b`` on ``device``."""
-        return Affine(self.A.to(device), self.b.to(device))
-
-    def forward(self, phi: Tensor) -> Tensor:
-        _check_vector("phi", phi, self.size)
-        return phi @ self.A.T + self.b
-
-    def inverse(self, theta: Tensor) -> Tensor:
-        _check_vector("theta", theta, self.size)
-        return torch.linalg.solve(self.A, (theta - self.b).unsqueeze(-1)).squeeze(-1)
-
-    def jacobian(self, phi: Tensor) -> Tensor:
-        _check_vector("phi", phi, self.size)
-        if phi.dim() != 1:
-            raise ValueError(f"jacobian needs one point phi of shape (P,), got {tuple(phi.shape)}.")
-        return self.A.clone()
-
-
-def _haar_orthogonal(size: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
-    """A Haar-distributed orthogonal matrix: QR of a Gaussian matrix with the signs fixed."""
-    Q, R = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=dtype))
-    return Q * torch.sign(torch.diagonal(R))
+from natlib.coordinates import Affine as Affine
+from natlib.coordinates import DiagonalScaling as DiagonalScaling
+from natlib.coordinates import Elementwise as Elementwise
+from natlib.coordinates import Exp as Exp
+from natlib.coordinates import Reparametrization as Reparametrization
+from natlib.coordinates import Sinh as Sinh
+from natlib.exact import ExactCurvature, Fisher, Hessian
+from natlib.losses import FisherKind, likelihood
 
 
 def _unflatten(model: nn.Module, theta: Tensor) -> dict[str, Tensor]:
@@ -299,7 +92,14 @@ class Reparametrized(nn.Module):
 
 
 Rule = Literal["gd", "ngd", "newton", "diag_fisher", "rms_emp"]
-RULES: tuple[str, ...] = ("gd", "ngd", "newton", "diag_fisher", "rms_emp")
+RULES: tuple[str, ...] = get_args(Rule)
+#: The rules that pseudo-solve with a dense curvature matrix, by its class.
+DENSE_RULES: dict[str, type[ExactCurvature]] = {"ngd": Fisher, "newton": Hessian}
+#: The rules that divide by the diagonal of the Fisher: its kind and the power applied.
+DIAGONAL_RULES: dict[str, tuple[FisherKind, float]] = {
+    "diag_fisher": ("exact", 1.0),
+    "rms_emp": ("empirical", 0.5),
+}
 
 
 def direction(
@@ -325,8 +125,12 @@ def direction(
       2015; Balles & Hennig, 2018).
 
     :math:`^{+}` is the Moore-Penrose pseudo-inverse (the inverse when the matrix is
-    invertible). Curvature comes from :mod:`natlib.curvature`, so a :class:`Reparametrized`
-    model gets :math:`F_\\phi`, :math:`H_\\phi` and takes its step in φ.
+    invertible). The curvature objects are :class:`natlib.exact.Fisher` and
+    :class:`natlib.exact.Hessian` (:data:`DENSE_RULES`, :data:`DIAGONAL_RULES`), so a
+    :class:`Reparametrized` model gets :math:`F_\\phi`, :math:`H_\\phi` and takes its step in
+    φ. The diagonal rules read the dense Fisher's diagonal (:math:`O(NP^2)`); for large models
+    :class:`natlib.approximations.DiagonalFisher` gives it in :math:`O(NP)` time and
+    :math:`O(P)` memory, equal up to round-off.
 
     Warns (``RuntimeWarning``) when ``damping`` is positive but the damped matrix is not
     numerically positive definite, so the pseudo-inverse stands in for the inverse.
@@ -340,13 +144,16 @@ def direction(
     g = curvature.flat_gradient(model, loss_fn, X, y)
     if rule == "gd":
         return g
-    if rule in ("ngd", "newton"):
-        matrix = curvature.fisher if rule == "ngd" else curvature.hessian
-        C = matrix(model, loss_fn, X, y)
+    if rule in DENSE_RULES:
+        matrix = DENSE_RULES[rule]
+        C = matrix.from_batch(model, loss_fn, X, y).to_dense()
         damped = C + damping * torch.eye(len(C), dtype=C.dtype, device=C.device)
-        return _pseudo_solve(damped, g, damping, "Fisher" if rule == "ngd" else "Hessian")
-    kind, power = ("exact", 1.0) if rule == "diag_fisher" else ("empirical", 0.5)
-    diagonal = torch.diagonal(curvature.fisher(model, loss_fn, X, y, kind=kind)) + damping
+        return _pseudo_solve(damped, g, damping, matrix.what)
+    kind, power = DIAGONAL_RULES[rule]
+    # The dense Fisher's diagonal, not DiagonalFisher's squared per-example gradients: those
+    # agree to round-off only, and chapter 1 glues these discrepancies at full precision.
+    fisher = Fisher.from_batch(model, loss_fn, X, y, kind=kind).to_dense()
+    diagonal = torch.diagonal(fisher) + damping
     d = g / diagonal**power
     if not torch.isfinite(d).all():
         raise ValueError(f"rule {rule!r}: the curvature's diagonal has zeros; use damping > 0.")
@@ -476,7 +283,7 @@ def _comparison(
     phi: Tensor,
 ) -> Comparison:
     theta_via_phi = reparam.forward(phi)
-    predict = _predictor(loss_fn)
+    predict = likelihood(loss_fn).predictive_mean
     with torch.no_grad():
         f, f_via_phi = (
             torch.func.vmap(lambda t: predict(outputs(model, t, X)))(run)
@@ -496,16 +303,3 @@ def _relative_discrepancy(reference: Tensor, other: Tensor) -> Tensor:
     return torch.linalg.vector_norm(moved_other - moved, dim=1) / torch.linalg.vector_norm(
         moved, dim=1
     )
-
-
-_PREDICTORS = {
-    nn.CrossEntropyLoss: lambda f: f.softmax(-1),
-    nn.BCEWithLogitsLoss: torch.sigmoid,
-    nn.MSELoss: lambda f: f,
-}
-
-
-def _predictor(loss_fn: nn.Module):
-    """The prediction :math:`\\mathbb{E}[y \\mid f]` behind a supported loss."""
-    likelihood(loss_fn)  # rejects unsupported losses with the list of supported ones
-    return _PREDICTORS[type(loss_fn)]

@@ -39,8 +39,8 @@ def setup(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.device:
     """Make a run reproducible and return the device to compute on.
 
     Seeds Python's, NumPy's and torch's generators (CUDA included), sets torch's default
-    dtype, asks torch for deterministic algorithms where they exist, and installs the
-    book's figure style.
+    dtype and asks torch for deterministic algorithms where they exist. It loads no
+    matplotlib: importing :mod:`natlib.plotting` installs the book's figure style.
 
     Args:
         seed: an integer in ``[0, 2**32 - 1]``.
@@ -67,8 +67,4 @@ def setup(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.device:
         torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
     warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
-
-    from natlib.plotting import use_style  # matplotlib is loaded only when a run is set up
-
-    use_style()
     return chosen

@@ -4,7 +4,8 @@ recorded runs in ``book/data/scaling-<device>.json``.
 The FLOP model the sweeps are compared with is :mod:`natlib.costmodel`; the clocks, the
 problem and the split of a step into its parts are :mod:`natlib.timing`'s. For the chapter,
 ``step_cost``, ``layer_memory``, ``factor_cost``, ``PARTS``, ``GROUPS`` (and their classes)
-of the cost model and ``ONCE`` of the timing harness are re-exported here. Timings run on
+of the cost model, ``ONCE`` of the timing harness, and ``geometric_widths``, ``fit_slope`` and
+``SlopeFit`` of :mod:`natlib.powerlaw` are re-exported here. Timings run on
 ``TIMING_THREADS`` thread(s) and, on the CPU, count CPU seconds
 (:func:`natlib.timing.cpu_clock`).
 """
@@ -12,15 +13,12 @@ of the cost model and ``ONCE`` of the timing harness are re-exported here. Timin
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 
-import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor
 
 from natlib import costmodel, timing
@@ -36,6 +34,9 @@ from natlib.costmodel import step_cost as step_cost
 from natlib.factors import gradient_factor, input_factor
 from natlib.linalg import FactoredInverse, eigh
 from natlib.optim import KFAC
+from natlib.powerlaw import SlopeFit as SlopeFit
+from natlib.powerlaw import fit_slope as fit_slope
+from natlib.powerlaw import geometric_widths as geometric_widths
 from natlib.timing import ONCE as ONCE
 
 SCHEMA = "natlib.scaling/2"
@@ -56,69 +57,9 @@ KFAC_OPTIONS = {"lr": LEARNING_RATE, "damping": DAMPING, "kind": "mc", "damping_
 SGD_OPTIONS = {"lr": LEARNING_RATE}
 
 
-def geometric_widths(low: int, high: int, per_octave: int = 2) -> list[int]:
-    """Widths :math:`\\mathrm{round}(\\text{low} \\cdot 2^{k/p})`, ``per_octave`` :math:`= p`,
-    up to ``high``."""
-    if not 0 < low <= high or per_octave < 1:
-        raise ValueError(
-            f"need 0 < low <= high and per_octave >= 1, got {low}, {high}, {per_octave}."
-        )
-    count = math.floor(per_octave * math.log2(high / low) + 1e-9)
-    return [round(low * 2 ** (k / per_octave)) for k in range(count + 1)]
-
-
 def _seconds(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
     """:func:`natlib.timing.median_seconds` on :func:`natlib.timing.cpu_clock`."""
     return timing.median_seconds(fn, min_run_time, timing.cpu_clock(device))
-
-
-# --------------------------------------------------------------------------- the slope fit
-
-
-@dataclass(frozen=True)
-class SlopeFit:
-    r"""A least-squares fit :math:`\log y = \text{slope} \cdot \log x + \log \text{scale}` with a
-    confidence interval ``(low, high)`` for the slope."""
-
-    slope: float
-    low: float
-    high: float
-    scale: float
-    points: int
-
-    def within(self, low: float, high: float) -> bool:
-        return low <= self.slope <= high
-
-    def verdict(self, name: str, low: float, high: float) -> str:
-        """A line that does not change with timing noise as long as the slope stays inside."""
-        return f"{name} slope within [{low}, {high}]: {'yes' if self.within(low, high) else 'no'}"
-
-    def __str__(self) -> str:
-        return f"{self.slope:.2f} [{self.low:.2f}, {self.high:.2f}] over {self.points} points"
-
-
-def fit_slope(
-    x: Sequence[float], y: Sequence[float], lower: float | None = None, confidence: float = 0.95
-) -> SlopeFit:
-    """Fit a power law to the points with ``x >= lower`` (default: the top two octaves,
-    ``max(x) / 4``); the interval is Student's t on the slope's standard error."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x and y must be 1-d of one length, got {x.shape} and {y.shape}.")
-    keep = x >= (x.max() / 4 if lower is None else lower)
-    if not (np.all(x[keep] > 0) and np.all(y[keep] > 0)):
-        raise ValueError("a log-log fit needs positive x and y.")
-    if keep.sum() < 3:
-        raise ValueError(f"a slope with an interval needs 3 points or more, got {keep.sum()}.")
-    result = stats.linregress(np.log(x[keep]), np.log(y[keep]))
-    half = stats.t.ppf(0.5 + confidence / 2, keep.sum() - 2) * result.stderr
-    return SlopeFit(
-        float(result.slope),
-        float(result.slope - half),
-        float(result.slope + half),
-        float(np.exp(result.intercept)),
-        int(keep.sum()),
-    )
 
 
 # --------------------------------------------------------------------------- per-layer sweep
@@ -168,7 +109,7 @@ class LayerSweep:
     seconds: dict[str, list[float]]
 
     def fit(self, piece: str, lower: float | None = None) -> SlopeFit:
-        """:func:`fit_slope` of one piece's seconds against the width."""
+        """:func:`~natlib.powerlaw.fit_slope` of one piece's seconds against the width."""
         return fit_slope(self.widths, self.seconds[piece], lower)
 
     def _upper(self) -> list[tuple[int, dict[str, float]]]:

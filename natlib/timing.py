@@ -199,6 +199,31 @@ def training_step(
 # --------------------------------------------------------------------------- the splitter
 
 
+def cycle_step_seconds(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    makers: dict[str, tuple[Callable[[nn.Module], torch.optim.Optimizer], int]],
+    rounds: int,
+) -> dict[str, float]:
+    """Seconds per step of each ``(make optimiser, steps per cycle)``, each on its own copy of
+    ``model``: a warm-up cycle, then medians of ``rounds`` interleaved rounds of one cycle."""
+    cycles = {}
+    for key, (make, steps) in makers.items():
+        net = copy.deepcopy(model)
+        cycles[key] = (training_step(net, make(net), loss_fn, X, y, steps), steps)
+    for run, _ in cycles.values():
+        run()  # warm-up, and the first factor and inverse update
+    return interleaved_medians(
+        {
+            key: (lambda run=run, n=n: median_seconds(run, min_run_time=0.0) / n)
+            for key, (run, n) in cycles.items()
+        },
+        rounds,
+    )
+
+
 @dataclass
 class StepParts:
     """The functions :func:`step_parts` builds, keyed by :data:`STEP_PARTS`, the peak memory

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from cases import LOSSES, loss_function, targets
 from helpers import assert_close
 from torch import nn
 
@@ -13,19 +14,11 @@ from natlib.layout import ParamLayout
 from natlib.linalg import damped_inverse, eigh
 from natlib.symbolic import kronecker_identities
 
-LOSSES = ("ce", "mse", "bce")
-
-
 pytestmark = pytest.mark.usefixtures("float64")
 
 
 def loss_and_targets(name: str, reduction: str, n: int, c: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    if name == "ce":
-        return nn.CrossEntropyLoss(reduction=reduction), torch.randint(c, (n,), generator=generator)
-    if name == "mse":
-        return nn.MSELoss(reduction=reduction), torch.randn(n, c, generator=generator)
-    return nn.BCEWithLogitsLoss(reduction=reduction), torch.rand(n, c, generator=generator)
+    return loss_function(name, reduction), targets(name, n, c, seed)
 
 
 def block_diagonal(F: torch.Tensor, model: nn.Module) -> torch.Tensor:

@@ -194,3 +194,13 @@ def test_kl_divergence_matches_torch_distributions():
     ]
     for lik, expected in pairs:
         torch.testing.assert_close(lik.kl_divergence(f, g), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_predictive_mean_is_the_mean_of_the_samples(case):
+    """E[y | f] by Monte Carlo (class indices one-hot) against the closed form."""
+    _, lik, f, _ = case
+    samples = lik.sample(f, 20_000, torch.Generator().manual_seed(7))
+    if isinstance(lik, Categorical):
+        samples = nn.functional.one_hot(samples, C).to(f.dtype)
+    torch.testing.assert_close(samples.mean(0), lik.predictive_mean(f), rtol=0, atol=0.03)
+    assert lik.predictive_mean(f).shape == f.shape

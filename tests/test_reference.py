@@ -2,28 +2,19 @@
 
 import pytest
 import torch
+from cases import LOSSES, mlp_case
 from helpers import assert_close
 from torch import nn
 
-from natlib import curvature, problems, reference
+from natlib import curvature, reference
 
 pytestmark = pytest.mark.usefixtures("float64")
-N, SIZES = 5, [3, 4, 2]
+N, SIZES = 5, (3, 4, 2)
 
 
 def _problem(loss: str, reduction: str = "mean"):
-    model = problems.mlp(SIZES, seed=0)
-    generator = torch.Generator().manual_seed(1)
-    X = torch.randn(N, SIZES[0], generator=generator)
-    if loss == "cross_entropy":
-        return model, nn.CrossEntropyLoss(reduction=reduction), X, torch.tensor([0, 1, 1, 0, 1])
-    if loss == "mse":
-        return model, nn.MSELoss(reduction=reduction), X, torch.randn(N, 2, generator=generator)
-    y = torch.randint(2, (N, 2), generator=generator).double()
-    return model, nn.BCEWithLogitsLoss(reduction=reduction), X, y
-
-
-LOSSES = ["cross_entropy", "mse", "bce"]
+    case = mlp_case(loss, SIZES, N, reduction)
+    return case.model, case.loss_fn, case.X, case.y
 
 
 @pytest.mark.parametrize("loss", LOSSES)

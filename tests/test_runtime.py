@@ -1,4 +1,6 @@
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -35,14 +37,23 @@ def test_setup_sets_default_dtype(dtype):
     assert torch.zeros(1).dtype is dtype
 
 
-def test_setup_returns_device_and_white_figures(monkeypatch):
-    import matplotlib as mpl
-
+def test_setup_returns_device(monkeypatch):
     monkeypatch.delenv(DEVICE_VARIABLE, raising=False)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert natlib.setup(seed=0).type == expected
-    assert mpl.rcParams["figure.facecolor"] == "white"
     assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_setup_loads_no_matplotlib_and_plotting_installs_the_style():
+    code = (
+        "import sys, natlib\n"
+        "natlib.setup(seed=0)\n"
+        "assert 'matplotlib' not in sys.modules, 'setup imported matplotlib'\n"
+        "import matplotlib as mpl\n"
+        "from natlib.plotting import STYLE\n"
+        "assert all(mpl.rcParams[k] == mpl.rcParams.validate[k](v) for k, v in STYLE.items())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 @pytest.mark.parametrize("seed", [1.5, "0", None, True])
