@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +30,7 @@ from natlib.checks import (
     warn_pseudo_inverse,
 )
 from natlib.losses import likelihood
+from natlib.newton import absolute_value
 
 
 def _check_vector(name: str, value: Tensor, size: int | None = None) -> None:
@@ -298,7 +299,8 @@ class Reparametrized(nn.Module):
         return outputs(self.model, self.theta(), x)
 
 
-Rule = Literal["gd", "ngd", "newton", "diag_fisher", "adam"]
+Rule = Literal["gd", "ngd", "newton", "saddle_free", "diag_fisher", "adam"]
+#: The rules chapter 1 compares (``"saddle_free"`` is chapter 6's addition).
 RULES: tuple[str, ...] = ("gd", "ngd", "newton", "diag_fisher", "adam")
 
 
@@ -317,6 +319,8 @@ def direction(
     - ``"gd"``: :math:`d = g` (damping is ignored);
     - ``"ngd"``: :math:`d = (F + \\lambda I)^{+} g`, exact Fisher (Amari, 1998);
     - ``"newton"``: :math:`d = (H + \\lambda I)^{+} g` (Nocedal & Wright, 2006);
+    - ``"saddle_free"``: :math:`d = (|H| + \\lambda I)^{+} g`, :math:`|H| = V|\\Lambda|V^\\top`
+      (Dauphin et al., 2014);
     - ``"diag_fisher"``: :math:`d = g / (\\mathrm{diag}\\,F + \\lambda)`;
     - ``"adam"``: :math:`d = g / (\\mathrm{diag}\\,F_{\\rm emp} + \\lambda)^{1/2}`, Adam's
       preconditioner without momentum (Kingma & Ba, 2015; Kunstner et al., 2019).
@@ -342,6 +346,10 @@ def direction(
         C = matrix(model, loss_fn, X, y)
         damped = C + damping * torch.eye(len(C), dtype=C.dtype, device=C.device)
         return _pseudo_solve(damped, g, damping, "Fisher" if rule == "ngd" else "Hessian")
+    if rule == "saddle_free":
+        C = absolute_value(curvature.hessian(model, loss_fn, X, y))
+        damped = C + damping * torch.eye(len(C), dtype=C.dtype, device=C.device)
+        return _pseudo_solve(damped, g, damping, "saddle-free Hessian")
     kind, power = ("exact", 1.0) if rule == "diag_fisher" else ("empirical", 0.5)
     diagonal = torch.diagonal(curvature.fisher(model, loss_fn, X, y, kind=kind)) + damping
     d = g / diagonal**power
@@ -461,6 +469,21 @@ def compare_step_sizes(
         starts.append(parameters_to_vector(m.parameters()).detach())
         steps.append(lrs * direction(m, loss_fn, X, y, rule, damping))
     theta, phi = (torch.cat([start[None], start - step]) for start, step in zip(starts, steps))
+    return _comparison(model, reparam, loss_fn, X, theta, phi)
+
+
+def compare_runs(
+    model: nn.Module,
+    reparam: Reparametrization,
+    loss_fn: nn.Module,
+    X: Tensor,
+    run: Callable[[nn.Module], Tensor],
+) -> Comparison:
+    """:func:`compare` for any method: ``run(m)`` returns the parameters of ``m`` along its
+    run, ``(K + 1, P)`` (row 0: the start), without changing ``m``; it is called on ``model``
+    (θ) and on :class:`Reparametrized` ``(model, reparam)`` (φ)."""
+    theta = run(model)
+    phi = run(Reparametrized(model, reparam))
     return _comparison(model, reparam, loss_fn, X, theta, phi)
 
 
