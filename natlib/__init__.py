@@ -19,6 +19,7 @@ SUBMODULES = (
     "ekfac",
     "exact",
     "factors",
+    "feasibility",
     "hessianfree",
     "gradient",
     "hooks",
@@ -39,9 +40,11 @@ SUBMODULES = (
     "reparam",
     "runtime",
     "scaling",
+    "secondorder",
     "shampoo",
     "symbolic",
     "timing",
+    "tuning",
 )
 
 __all__ = ["device", "setup", *SUBMODULES]
