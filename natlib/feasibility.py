@@ -10,7 +10,7 @@ inputs with random labels (``CrossEntropyLoss``), float32 on the CPU, one thread
   measured to a few thousand parameters only (``dense_widths``) and extrapolated with the
   fitted exponents;
 - **Hessian-free**: one gradient plus :math:`k` GGN-vector products
-  (:meth:`natlib.exact.GGN.matvec`, matrix-free) for :math:`k` CG iterations;
+  (``matvec`` of :class:`natlib.exact.GGN`, matrix-free) for :math:`k` CG iterations;
 - **K-FAC**: :class:`natlib.optim.KFAC` steps with :math:`T_\text{cov} = 1`,
   :math:`T_\text{inv} = 10`, timed over 10 steps;
 - **SGD**: a ``torch.optim.SGD`` step.

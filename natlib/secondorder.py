@@ -345,8 +345,9 @@ def invariance(small: float, large: float, ratio: float, exact: float = 1e-8) ->
 # --------------------------------------------------------------------------- the digits problem
 
 
-#: Chapter 6's digits classifier: a tanh MLP on the first training examples, in float64.
+#: The layer sizes of chapter 6's digits classifier, a tanh MLP trained in float64.
 DIGITS_SIZES = (64, 6, 10)
+#: How many of the first digits training examples it trains on, full batch.
 DIGITS_EXAMPLES = 128
 
 
