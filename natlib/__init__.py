@@ -22,6 +22,7 @@ SUBMODULES = (
     "ekfac",
     "exact",
     "factors",
+    "feasibility",
     "hessianfree",
     "gradient",
     "hooks",
@@ -46,9 +47,11 @@ SUBMODULES = (
     "reparam",
     "runtime",
     "scaling",
+    "secondorder",
     "shampoo",
     "symbolic",
     "timing",
+    "tuning",
 )
 
 __all__ = ["device", "setup", *SUBMODULES]

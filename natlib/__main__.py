@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
     bench.add_argument(
         "name",
-        choices=["curvature", "kfac", "scaling", "approximations", "distributed"],
+        choices=["curvature", "kfac", "scaling", "approximations", "distributed", "newton"],
         help="which benchmark (distributed: K-FAC's refresh in 1 and 2 processes)",
     )
     bench.add_argument(
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--out: {reason}")
 
         from natlib import bench as benchmarks
-        from natlib import bench_distributed, scaling
+        from natlib import bench_distributed, feasibility, scaling
 
         chosen = {
             "curvature": lambda: benchmarks.curvature_benchmark(device=args.device),
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             "scaling": lambda: scaling.benchmark(args.device),
             "approximations": lambda: benchmarks.approximations_benchmark(device=args.device),
             "distributed": lambda: bench_distributed.benchmark(args.device),
+            "newton": lambda: feasibility.measure(device=args.device or "cpu"),
         }
         result = chosen[args.name]()
         print(result.report())

@@ -38,9 +38,16 @@ def absolute_value(matrix: Tensor, what: str = "the Hessian") -> Tensor:
     """
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"{what} must be a square matrix, got shape {tuple(matrix.shape)}.")
+    return _absolute_eigen(matrix, what)[0]
+
+
+def _absolute_eigen(matrix: Tensor, what: str) -> tuple[Tensor, Eigen]:
+    r""":math:`|A|` and its eigendecomposition :math:`(|\Lambda|, V)`, from one ``eigh``."""
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"{what} must be a square matrix, got shape {tuple(matrix.shape)}.")
     check_finite(matrix, what)
     values, vectors = torch.linalg.eigh(matrix)
-    return (vectors * values.abs()) @ vectors.T
+    return (vectors * values.abs()) @ vectors.T, Eigen(values.abs(), vectors)
 
 
 class SaddleFreeHessian(ExactCurvature):
@@ -65,7 +72,10 @@ class SaddleFreeHessian(ExactCurvature):
                 f"the Hessian must have shape ({layout.numel}, {layout.numel}) for this model, "
                 f"got {tuple(hessian.shape)}."
             )
-        return cls(layout, None, absolute_value(hessian), hessian, batch_size, {})
+        dense, eigen = _absolute_eigen(hessian, "the Hessian")
+        curvature = cls(layout, None, dense, hessian, batch_size, {})
+        curvature._eigen = (dense, eigen)  # refresh reuses it while the matrix is unchanged
+        return curvature
 
     @classmethod
     def from_batch(
@@ -89,7 +99,11 @@ class SaddleFreeHessian(ExactCurvature):
             ValueError: for a bad ``damping``, or if the matrix holds NaN or Inf.
         """
         check_positive("damping", damping)
-        self._factor = (damping, eigh(self.to_dense(), f"the {self.what}"))
+        dense, eigen = getattr(self, "_eigen", (None, None))
+        check_finite(self.to_dense(), f"the {self.what}")
+        if dense is None or dense is not self.to_dense():
+            eigen = eigh(self.to_dense(), f"the {self.what}")
+        self._factor = (damping, eigen)
 
     def _apply_factor(self, factor: Eigen, v: Tensor) -> Tensor:
         values, vectors = factor

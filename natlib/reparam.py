@@ -13,7 +13,7 @@ several sizes (Amari, 1998; Martens, 2020).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -37,6 +37,7 @@ from natlib.coordinates import Reparametrization as Reparametrization
 from natlib.coordinates import Sinh as Sinh
 from natlib.exact import ExactCurvature, Fisher, Hessian
 from natlib.losses import FisherKind, likelihood
+from natlib.newton import SaddleFreeHessian
 
 
 def _unflatten(model: nn.Module, theta: Tensor) -> dict[str, Tensor]:
@@ -91,10 +92,15 @@ class Reparametrized(nn.Module):
         return outputs(self.model, self.theta(), x)
 
 
-Rule = Literal["gd", "ngd", "newton", "diag_fisher", "rms_emp"]
-RULES: tuple[str, ...] = get_args(Rule)
+Rule = Literal["gd", "ngd", "newton", "saddle_free", "diag_fisher", "rms_emp"]
+#: The rules chapter 1 compares (``"saddle_free"`` is chapter 6's addition).
+RULES: tuple[str, ...] = tuple(r for r in get_args(Rule) if r != "saddle_free")
 #: The rules that pseudo-solve with a dense curvature matrix, by its class.
-DENSE_RULES: dict[str, type[ExactCurvature]] = {"ngd": Fisher, "newton": Hessian}
+DENSE_RULES: dict[str, type[ExactCurvature]] = {
+    "ngd": Fisher,
+    "newton": Hessian,
+    "saddle_free": SaddleFreeHessian,
+}
 #: The rules that divide by the diagonal of the Fisher: its kind and the power applied.
 DIAGONAL_RULES: dict[str, tuple[FisherKind, float]] = {
     "diag_fisher": ("exact", 1.0),
@@ -117,6 +123,8 @@ def direction(
     - ``"gd"``: :math:`d = g` (damping is ignored);
     - ``"ngd"``: :math:`d = (F + \\lambda I)^{+} g`, exact Fisher (Amari, 1998);
     - ``"newton"``: :math:`d = (H + \\lambda I)^{+} g` (Nocedal & Wright, 2006);
+    - ``"saddle_free"``: :math:`d = (|H| + \\lambda I)^{+} g`, :math:`|H| = V|\\Lambda|V^\\top`
+      (Dauphin et al., 2014);
     - ``"diag_fisher"``: :math:`d = g / (\\mathrm{diag}\\,F + \\lambda)`;
     - ``"rms_emp"``: :math:`d = g / (\\mathrm{diag}\\,F_{\\rm emp} + \\lambda)^{1/2}`, each
       coordinate divided by the root mean square of its per-example gradients (Kunstner et
@@ -271,6 +279,21 @@ def compare_step_sizes(
         starts.append(parameters_to_vector(m.parameters()).detach())
         steps.append(lrs * direction(m, loss_fn, X, y, rule, damping))
     theta, phi = (torch.cat([start[None], start - step]) for start, step in zip(starts, steps))
+    return _comparison(model, reparam, loss_fn, X, theta, phi)
+
+
+def compare_runs(
+    model: nn.Module,
+    reparam: Reparametrization,
+    loss_fn: nn.Module,
+    X: Tensor,
+    run: Callable[[nn.Module], Tensor],
+) -> Comparison:
+    """:func:`compare` for any method: ``run(m)`` returns the parameters of ``m`` along its
+    run, ``(K + 1, P)`` (row 0: the start), without changing ``m``; it is called on ``model``
+    (θ) and on :class:`Reparametrized` ``(model, reparam)`` (φ)."""
+    theta = run(model)
+    phi = run(Reparametrized(model, reparam))
     return _comparison(model, reparam, loss_fn, X, theta, phi)
 
 

@@ -156,3 +156,15 @@ def test_hessian_and_saddle_free_have_no_fisher_kind() -> None:
     case = mlp_case()
     with pytest.raises(ValueError, match="has no Fisher kind.*accepted: 'exact'"):
         SaddleFreeHessian.from_batch(case.model, case.loss_fn, case.X, case.y, kind="mc")
+
+
+def test_saddle_free_refresh_reuses_the_eigendecomposition_and_matches_a_fresh_one(float64):
+    Q = torch.tensor([[2.0, 1.0, 0.0], [1.0, -3.0, 0.5], [0.0, 0.5, 0.1]])
+    model = nn.Linear(3, 1, bias=False)
+    C = SaddleFreeHessian.of_hessian(model, Q)
+    v = torch.tensor([1.0, -2.0, 0.5])
+    fast = C.solve(v, 0.1)
+    expected = torch.linalg.solve(eigen_absolute(Q) + 0.1 * torch.eye(3), v)
+    assert_close(fast, expected)
+    C._dense = C.to_dense().clone()  # a changed matrix is decomposed afresh
+    assert_close(C.solve(v, 0.2), torch.linalg.solve(eigen_absolute(Q) + 0.2 * torch.eye(3), v))

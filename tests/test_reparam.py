@@ -248,3 +248,27 @@ def test_diagonal_rules_reject_a_zero_diagonal():
     with pytest.raises(ValueError, match="zeros; use damping"):
         direction(model, nn.CrossEntropyLoss(), X, y, "diag_fisher")
     assert torch.isfinite(direction(model, nn.CrossEntropyLoss(), X, y, "rms_emp", 1e-8)).all()
+
+
+def test_saddle_free_rule_rescales_by_the_absolute_hessian(small):
+    model, loss_fn, X, y = small
+    g = curvature.flat_gradient(model, loss_fn, X, y)
+    H = curvature.hessian(model, loss_fn, X, y)
+    values, vectors = torch.linalg.eigh(H)
+    expected = vectors @ ((vectors.T @ g) / (values.abs() + 0.1))
+    torch.testing.assert_close(direction(model, loss_fn, X, y, "saddle_free", 0.1), expected)
+
+
+def test_compare_runs_agrees_with_compare(small):
+    from natlib.reparam import compare_runs
+
+    model, loss_fn, X, y = small
+    h = Sinh()
+    expected = compare(model, h, loss_fn, X, y, "ngd", lr=0.1, steps=2, damping=1e-3)
+
+    def run(m):
+        return trajectory(m, loss_fn, X, y, "ngd", 0.1, 2, 1e-3)
+
+    actual = compare_runs(model, h, loss_fn, X, run)
+    torch.testing.assert_close(actual.parameter, expected.parameter)
+    torch.testing.assert_close(actual.function, expected.function)
