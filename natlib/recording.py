@@ -30,7 +30,7 @@ class FactorWatcher(Watcher):
     ``kind="mc"``/``"exact"``: one extra backward pass of sampled or factored output cotangents
     right after the forward pass; ``"empirical"``: the layers' output gradients of the loss's
     own ``backward()``, divided by the reduction factor. Subclasses implement
-    :meth:`estimate` from :meth:`_take`'s statistics.
+    ``estimate`` from the statistics of ``_take``.
 
     Raises:
         ValueError: for an unknown ``kind``, ``damping_mode`` or ``approximation``, a

@@ -101,7 +101,7 @@ DENSE_RULES: dict[str, type[ExactCurvature]] = {
     "newton": Hessian,
     "saddle_free": SaddleFreeHessian,
 }
-#: The rules that divide by the diagonal of the Fisher: its kind and the power applied.
+#: For the rules that divide by the Fisher's diagonal, its kind and the power applied.
 DIAGONAL_RULES: dict[str, tuple[FisherKind, float]] = {
     "diag_fisher": ("exact", 1.0),
     "rms_emp": ("empirical", 0.5),
