@@ -31,7 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--timeout", type=int, default=600, help="seconds per cell")
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
     bench.add_argument(
-        "name", choices=["curvature", "kfac", "scaling", "approximations"], help="which benchmark"
+        "name",
+        choices=["curvature", "kfac", "scaling", "approximations", "sweep"],
+        help="which benchmark",
+    )
+    bench.add_argument(
+        "--problem",
+        choices=["kfac-ngd", "autoencoder"],
+        default="kfac-ngd",
+        help="sweep: K-FAC against exact NGD, or K-FAC, SGD and Adam on the autoencoder",
     )
     bench.add_argument(
         "--model",
@@ -65,8 +73,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--out: {reason}")
 
         from natlib import bench as benchmarks
-        from natlib import scaling
+        from natlib import scaling, sweeps
 
+        if args.name == "sweep":
+            reported = sweeps.benchmark(args.problem, device=args.device)
+            print(reported.report())
+            if args.json:
+                sweeps.write_record(reported.record, args.json)
+            return
         chosen = {
             "curvature": lambda: benchmarks.curvature_benchmark(device=args.device),
             "kfac": lambda: (

@@ -2,8 +2,8 @@
 
 DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel ->
 problems, language, curvature, factors, interface -> kfac, exact, reference, gradient, lbfgs ->
-newton, approximations, adam, shampoo, ekfac, reparam, ... -> optim, hessianfree ->
-timing -> bench, scaling -> ``__main__``. No module imports a layer above its own or the
+newton, approximations, adam, shampoo, ekfac, reparam, ... -> optim, hessianfree, invariance
+-> timing -> bench, scaling, sweeps -> ``__main__``. No module imports a layer above its own or the
 package root's re-exports.
 """
 
@@ -49,9 +49,11 @@ LAYERS = {
     "kunstner": 4,
     "optim": 5,
     "hessianfree": 5,
+    "invariance": 5,
     "timing": 6,
     "bench": 7,
     "scaling": 7,
+    "sweeps": 7,
     "__main__": 8,
 }
 
