@@ -59,7 +59,7 @@ PROBLEMS: dict[str, SweepProblem] = {
         batch=128,
         eval_every=10,
         grids={
-            method: {"damping": [0.03, 0.1, 0.3], "lr": [0.5, 1.0, 2.0, 4.0]}
+            method: {"damping": [0.01, 0.03, 0.1, 0.3], "lr": [0.25, 0.5, 1.0, 2.0, 4.0]}
             for method in ("exact NGD", "K-FAC, exact damping", "K-FAC, pi-damping")
         },
         fixed={
@@ -134,22 +134,29 @@ def run_one(
 ) -> Any:
     """Train ``method`` with ``setting`` from the initialisation of ``seed``; a
     :class:`natlib.optim.Trace`. Seed ``s`` fixes the initial weights, the mini-batch order
-    and K-FAC's sampled targets, the same for every method."""
-    data = getattr(problems, problem.data)(dtype=dtype, device=device)
-    y = data.X_train if problem.data == "digits_autoencoder" else data.y_train
-    model = problems.mlp(problem.sizes, seed=seed).to(device=device, dtype=dtype)
-    optimizer = _optimizer(method, model, data.loss_fn, setting, seed)
-    return train(
-        model,
-        optimizer,
-        data.loss_fn,
-        data.X_train,
-        y,
-        problem.steps,
-        batch_size=problem.batch,
-        eval_every=problem.eval_every,
-        seed=seed,
-    )
+    and K-FAC's sampled targets, the same for every method. The run does not depend on the
+    caller's default dtype: it runs under torch's default, float32, with the data and the
+    model (drawn in float32, then cast) in ``dtype``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        data = getattr(problems, problem.data)(dtype=dtype, device=device)
+        y = data.X_train if problem.data == "digits_autoencoder" else data.y_train
+        model = problems.mlp(problem.sizes, seed=seed).to(device=device, dtype=dtype)
+        optimizer = _optimizer(method, model, data.loss_fn, setting, seed)
+        return train(
+            model,
+            optimizer,
+            data.loss_fn,
+            data.X_train,
+            y,
+            problem.steps,
+            batch_size=problem.batch,
+            eval_every=problem.eval_every,
+            seed=seed,
+        )
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @dataclass(frozen=True)

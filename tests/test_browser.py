@@ -142,7 +142,6 @@ READING = """() => {
 NOT_YET_READABLE = {
     "01_reparametrization.html",
     "02_fisher_geometry.html",
-    "03_kfac.html",
 }
 CODE_SHARE_LIMIT = 0.2  # code at most a fifth of a chapter's rendered height
 
