@@ -2,7 +2,7 @@
 ``{glue:text}`` role, never typed by hand.
 
 The rule: in the prose of a chapter's markdown cells and of the preface, outside inline code,
-roles (``{glue:text}`…```, ``{cite}`…```) and display math, a decimal (``2.7``), a percentage
+section numbers (``§6.3``), roles (``{glue:text}`…```, ``{cite}`…```) and display math, a decimal (``2.7``), a percentage
 (``56 %``), a power of ten (``10⁻⁴``, ``4×10⁻⁴``) or, inside inline math, a decimal or a power
 of ten (``$7.5\\times10^{-5}$``) is a measured number and must be glued. Integers (sizes,
 widths, step counts, seeds) are settings and may be typed. ``ALLOWED`` lists the decimals that
@@ -31,6 +31,7 @@ INLINE_CODE = re.compile(r"`[^`\n]*`")
 DISPLAY_MATH = re.compile(r"\$\$.*?\$\$", re.S)
 INLINE_MATH = re.compile(r"(?<!\\)\$([^$\n]+)\$")
 DIRECTIVE_OPTION = re.compile(r"^:\w[\w-]*:.*$", re.M)
+SECTION = re.compile(r"§\s?\d+(?:\.\d+)*")  # a paper's section number, not a measurement
 PROSE_NUMBER = re.compile(
     r"(?<![\w.])(?:\d+\.\d+|\d+(?:\.\d+)?\s?%|(?:\d+(?:\.\d+)?\s?×\s?)?10[⁻⁰¹²³⁴⁵⁶⁷⁸⁹]+)"
 )
@@ -43,6 +44,7 @@ def typed_numbers(markdown: str) -> list[str]:
     text = INLINE_CODE.sub(" ", text)
     text = DISPLAY_MATH.sub(" ", text)
     text = DIRECTIVE_OPTION.sub(" ", text)
+    text = SECTION.sub(" ", text)
     found = [n for math in INLINE_MATH.findall(text) for n in MATH_NUMBER.findall(math)]
     found += PROSE_NUMBER.findall(INLINE_MATH.sub(" ", text))
     return [n for n in found if n not in ALLOWED]
@@ -89,6 +91,7 @@ def test_prose_cites_only_glued_numbers(name):
         ("the rule $2d/(3B)$ and `lr=0.05` in code", []),
         ("$$\nF = 0.25\n$$ display math is a formula", []),
         ("Adam's power 0.5", []),
+        ("Martens & Grosse (§6.3) damp by 0.7", ["0.7"]),
     ],
 )
 def test_the_rule_finds_typed_numbers(markdown, expected):
