@@ -50,6 +50,7 @@ class SweepProblem:
     fixed: dict[str, str]
 
 
+#: The recorded comparisons, by the name ``--problem`` takes.
 PROBLEMS: dict[str, SweepProblem] = {
     "kfac-ngd": SweepProblem(
         name="kfac-ngd",
@@ -303,14 +304,14 @@ def read_record(path: Path) -> SweepRecord:
         raise ValueError(f"{path} is not a complete {SCHEMA} record: {error}") from None
 
 
-def benchmark(problem: str, device: str | torch.device | None = None) -> _Reported:
+def benchmark(problem: str, device: str | torch.device | None = None) -> SweepReport:
     """``python -m natlib bench sweep --problem <name>``: the sweep with 5 seeds and a
     progress bar, as a record with a ``report()``."""
-    return _Reported(run(problem, seeds=5, device=device, progress=True))
+    return SweepReport(run(problem, seeds=5, device=device, progress=True))
 
 
-class _Reported:
-    """A sweep record with the ``report()`` the command line prints."""
+class SweepReport:
+    """A :class:`SweepRecord` with the ``report()`` the command line prints."""
 
     def __init__(self, record: SweepRecord):
         self.record = record
