@@ -32,8 +32,22 @@ def main(argv: list[str] | None = None) -> None:
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
     bench.add_argument(
         "name",
-        choices=["curvature", "kfac", "scaling", "approximations", "distributed", "newton"],
+        choices=[
+            "curvature",
+            "kfac",
+            "scaling",
+            "approximations",
+            "distributed",
+            "newton",
+            "sweep",
+        ],
         help="which benchmark (distributed: K-FAC's refresh in 1 and 2 processes)",
+    )
+    bench.add_argument(
+        "--problem",
+        choices=["kfac-ngd", "autoencoder"],
+        default="kfac-ngd",
+        help="sweep: K-FAC against exact NGD, or K-FAC, SGD and Adam on the autoencoder",
     )
     bench.add_argument(
         "--model",
@@ -67,8 +81,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--out: {reason}")
 
         from natlib import bench as benchmarks
-        from natlib import bench_distributed, feasibility, scaling
+        from natlib import bench_distributed, feasibility, scaling, sweeps
 
+        if args.name == "sweep":
+            reported = sweeps.benchmark(args.problem, device=args.device)
+            print(reported.report())
+            if args.json:
+                sweeps.write_record(reported.record, args.json)
+            return
         chosen = {
             "curvature": lambda: benchmarks.curvature_benchmark(device=args.device),
             "kfac": lambda: (

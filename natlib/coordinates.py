@@ -24,7 +24,7 @@ def _check_vector(name: str, value: Tensor, size: int | None = None) -> None:
         )
 
 
-def _log_uniform(
+def log_uniform(
     size: int, spread: float, generator: torch.Generator | None, dtype: torch.dtype | None
 ) -> Tensor:
     """``size`` factors :math:`e^u` with :math:`u \\sim \\mathcal{U}[-s, s]`, s = ``spread``."""
@@ -116,7 +116,7 @@ class DiagonalScaling(Elementwise):
         dtype: torch.dtype | None = None,
     ) -> DiagonalScaling:
         """Scales :math:`e^u`, :math:`u \\sim \\mathcal{U}[-\\text{spread}, \\text{spread}]`."""
-        return cls(_log_uniform(size, spread, generator, dtype))
+        return cls(log_uniform(size, spread, generator, dtype))
 
     def to(self, device: torch.device | str) -> DiagonalScaling:
         """The same map with its scales on ``device``."""
@@ -199,8 +199,8 @@ class Affine(Reparametrization):
         :math:`u \\sim \\mathcal{U}[-\\text{spread}, \\text{spread}]`, match
         :meth:`DiagonalScaling.random`.
         """
-        s = _log_uniform(size, spread, generator, dtype)
-        U, V = (_haar_orthogonal(size, generator, s.dtype) for _ in range(2))
+        s = log_uniform(size, spread, generator, dtype)
+        U, V = (haar_orthogonal(size, generator, s.dtype) for _ in range(2))
         b = torch.randn(size, generator=generator, dtype=s.dtype)
         return cls(U * s @ V.T, b)
 
@@ -223,7 +223,7 @@ class Affine(Reparametrization):
         return self.A.clone()
 
 
-def _haar_orthogonal(size: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
+def haar_orthogonal(size: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
     """A Haar-distributed orthogonal matrix: QR of a Gaussian matrix with the signs fixed."""
     Q, R = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=dtype))
     return Q * torch.sign(torch.diagonal(R))

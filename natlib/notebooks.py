@@ -16,7 +16,8 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 DATA = BOOK / "data"  # recorded runs, JSON written by ``python -m natlib bench ...``
 
 _RECORD_NAME = re.compile(
-    r"(?P<kind>kfac_benchmark_|scaling-|distributed-|newton-)(?P<device>cpu|cuda)\.json"
+    r"(?P<kind>kfac_benchmark_|scaling-|distributed-|newton-|"
+    r"sweep-(?P<problem>kfac-ngd|autoencoder)-)(?P<device>cpu|cuda)\.json"
 )
 
 
@@ -29,7 +30,8 @@ def record_command(name: str) -> str:
     """The command that writes the recorded run ``book/data/<name>``, run from the repository root.
 
     Known records are ``kfac_benchmark_<device>.json``, ``scaling-<device>.json`` and
-    ``distributed-<device>.json``, ``newton-<device>.json`` with ``<device>`` ``cpu`` or ``cuda``.
+    ``distributed-<device>.json``, ``newton-<device>.json`` and ``sweep-<problem>-<device>.json``
+    (``<problem>`` ``kfac-ngd`` or ``autoencoder``) with ``<device>`` ``cpu`` or ``cuda``.
 
     Raises:
         ValueError: ``name`` is not one of them.
@@ -38,10 +40,15 @@ def record_command(name: str) -> str:
     if match is None:
         raise ValueError(
             f"{name!r} is not a recorded run; known names are kfac_benchmark_<device>.json, "
-            "scaling-<device>.json, distributed-<device>.json and newton-<device>.json with "
-            "<device> cpu or cuda."
+            "scaling-<device>.json, distributed-<device>.json, newton-<device>.json and "
+            "sweep-<kfac-ngd|autoencoder>-<device>.json with <device> cpu or cuda."
         )
     out = f"book/data/{name}"
+    if match["problem"]:
+        return (
+            f"python -m natlib bench sweep --problem {match['problem']} "
+            f"--device {match['device']} --out {out}"
+        )
     if match["kind"] in ("scaling-", "distributed-", "newton-"):
         bench = match["kind"].rstrip("-")
         return f"python -m natlib bench {bench} --device {match['device']} --out {out}"

@@ -3,9 +3,9 @@
 DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel, powerlaw,
 coordinates -> problems, language, curvature, factors, interface, recording -> kfac, exact,
 reference, gradient, lbfgs, preconditioned -> newton, approximations, adam, shampoo, ekfac,
-reparam, ... -> optim, hessianfree -> timing, distributed -> bench, bench_distributed, scaling
--> ``__main__`` (launch is layer 0). No module imports a layer above its own or the package
-root's re-exports, and none is longer than ``MAX_LINES``.
+reparam, ... -> optim, hessianfree, invariance -> timing, distributed -> bench,
+bench_distributed, scaling, sweeps -> ``__main__`` (launch is layer 0). No module imports a
+layer above its own or the package root's re-exports, and none is longer than ``MAX_LINES``.
 """
 
 from __future__ import annotations
@@ -59,11 +59,13 @@ LAYERS = {
     "secondorder": 5,
     "tuning": 6,
     "feasibility": 7,
+    "invariance": 5,
     "timing": 6,
     "distributed": 6,
     "bench": 7,
     "bench_distributed": 7,
     "scaling": 7,
+    "sweeps": 7,
     "__main__": 8,
 }
 
