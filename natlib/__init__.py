@@ -19,6 +19,7 @@ SUBMODULES = (
     "ekfac",
     "exact",
     "factors",
+    "fidelity",
     "hessianfree",
     "gradient",
     "hooks",

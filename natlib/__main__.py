@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--out: {reason}")
 
         from natlib import bench as benchmarks
-        from natlib import scaling
+        from natlib import fidelity, scaling
 
         chosen = {
             "curvature": lambda: benchmarks.curvature_benchmark(device=args.device),
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                 else benchmarks.architecture_benchmark(args.model, device=args.device)
             ),
             "scaling": lambda: scaling.benchmark(args.device),
-            "approximations": lambda: benchmarks.approximations_benchmark(device=args.device),
+            "approximations": lambda: fidelity.approximations_benchmark(device=args.device),
         }
         result = chosen[args.name]()
         print(result.report())
