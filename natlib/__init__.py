@@ -43,6 +43,7 @@ SUBMODULES = (
     "shampoo",
     "symbolic",
     "timing",
+    "tuning",
 )
 
 __all__ = ["device", "setup", *SUBMODULES]

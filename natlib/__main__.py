@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--timeout", type=int, default=600, help="seconds per cell")
     bench = commands.add_parser("bench", help="run a benchmark and print its numbers")
     bench.add_argument(
-        "name", choices=["curvature", "kfac", "scaling", "approximations"], help="which benchmark"
+        "name",
+        choices=["curvature", "kfac", "scaling", "approximations", "training"],
+        help="which benchmark",
     )
     bench.add_argument(
         "--model",
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--out: {reason}")
 
         from natlib import bench as benchmarks
-        from natlib import fidelity, scaling
+        from natlib import fidelity, scaling, tuning
 
         chosen = {
             "curvature": lambda: benchmarks.curvature_benchmark(device=args.device),
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             ),
             "scaling": lambda: scaling.benchmark(args.device),
             "approximations": lambda: fidelity.approximations_benchmark(device=args.device),
+            "training": lambda: tuning.compare_optimizers(device=args.device or "cpu"),
         }
         result = chosen[args.name]()
         print(result.report())

@@ -146,7 +146,7 @@ def trained_digits_mlp(
     """
     device = timing.resolve_device(device)
     data = problems.digits(dtype=dtype, device=device)
-    model = problems.mlp(list(sizes), seed=0).to(dtype=dtype, device=device)
+    model = problems.mlp(list(sizes), seed=0, dtype=dtype).to(device)
     if adam_steps:
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         train(model, optimizer, data.loss_fn, data.X_train, data.y_train, adam_steps, 128,

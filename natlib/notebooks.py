@@ -16,7 +16,7 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 DATA = BOOK / "data"  # recorded runs, JSON written by ``python -m natlib bench ...``
 
 _RECORD_NAME = re.compile(
-    r"(?P<kind>kfac_benchmark_|scaling-|approximations-)(?P<device>cpu|cuda)\.json"
+    r"(?P<kind>kfac_benchmark_|scaling-|approximations-|training-)(?P<device>cpu|cuda)\.json"
 )
 
 
@@ -28,17 +28,19 @@ def book_notebooks() -> list[Path]:
 def record_command(name: str) -> str:
     """The command that writes the recorded run ``book/data/<name>``, run from the repository root.
 
-    Known records are ``kfac_benchmark_<device>.json``, ``scaling-<device>.json`` and
-    ``approximations-<device>.json`` with ``<device>`` ``cpu`` or ``cuda``.
+    Known records are ``kfac_benchmark_<device>.json``, ``scaling-<device>.json``,
+    ``approximations-<device>.json`` and ``training-<device>.json`` with ``<device>``
+    ``cpu`` or ``cuda``.
     """
     match = _RECORD_NAME.fullmatch(name)
     if match is None:
         raise ValueError(
             f"{name!r} is not a recorded run; known names are kfac_benchmark_<device>.json, "
-            "scaling-<device>.json and approximations-<device>.json with <device> cpu or cuda."
+            "scaling-<device>.json, approximations-<device>.json and training-<device>.json with "
+            "<device> cpu or cuda."
         )
     out = f"book/data/{name}"
-    if match["kind"] in ("scaling-", "approximations-"):
+    if match["kind"] in ("scaling-", "approximations-", "training-"):
         bench = match["kind"].rstrip("-")
         return f"python -m natlib bench {bench} --device {match['device']} --out {out}"
     return f"NATLIB_DEVICE={match['device']} python -m natlib bench kfac --json {out}"

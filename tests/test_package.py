@@ -3,7 +3,7 @@
 DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel ->
 problems, language, curvature, factors, interface -> kfac, exact, reference, gradient, lbfgs ->
 newton, approximations, adam, shampoo, ekfac, reparam, ... -> optim, hessianfree ->
-timing -> bench, scaling, fidelity -> ``__main__``. No module imports a layer above its own or the
+timing -> bench, scaling, fidelity, tuning -> ``__main__``. No module imports a layer above its own or the
 package root's re-exports.
 """
 
@@ -53,6 +53,7 @@ LAYERS = {
     "bench": 7,
     "scaling": 7,
     "fidelity": 7,
+    "tuning": 7,
     "__main__": 8,
 }
 
