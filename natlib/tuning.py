@@ -146,12 +146,12 @@ class Comparison:
         return [r for r in self.runs if r.method == method and r.lr == lr]
 
     def iterations(self, method: str, lr: float) -> list[float]:
-        """Iterations to :attr:`target` per seed (``inf``: not reached)."""
+        """Iterations to ``target`` per seed (``inf``: not reached)."""
         hits = [r.first_below(self.target) for r in self.runs_of(method, lr)]
         return [float(h[0]) if h else math.inf for h in hits]
 
     def seconds(self, method: str, lr: float) -> list[float]:
-        """Optimiser seconds to :attr:`target` per seed (``inf``: not reached)."""
+        """Optimiser seconds to ``target`` per seed (``inf``: not reached)."""
         hits = [r.first_below(self.target) for r in self.runs_of(method, lr)]
         return [h[1] if h else math.inf for h in hits]
 
