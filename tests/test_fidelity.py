@@ -63,9 +63,9 @@ def test_wide_cosines_use_the_natural_gradient_by_conjugate_gradients(float64):
     kfac = next(r for r in rows if r.method == "K-FAC (exact damping)")
     from natlib.kfac import KFACApproximation
 
-    direction = KFACApproximation.from_batch(
-        model, data.loss_fn, X, y, damping_mode="exact"
-    ).solve(g, 1e-2)
+    direction = KFACApproximation.from_batch(model, data.loss_fn, X, y, damping_mode="exact").solve(
+        g, 1e-2
+    )
     expected = (direction @ dense / (direction.norm() * dense.norm())).item()
     assert kfac.cosine == pytest.approx(expected, abs=1e-8)
     assert [r.method for r in rows] == list(fidelity.WIDE_METHODS) and 0 < iterations <= len(g)

@@ -152,8 +152,7 @@ def test_record_command_for_each_kind_of_record():
         "python -m natlib bench scaling --device cpu --out book/data/scaling-cpu.json"
     )
     assert record_command("approximations-cpu.json") == (
-        "python -m natlib bench approximations --device cpu "
-        "--out book/data/approximations-cpu.json"
+        "python -m natlib bench approximations --device cpu --out book/data/approximations-cpu.json"
     )
     with pytest.raises(ValueError, match="not a recorded run"):
         record_command("../scaling-cpu.json")

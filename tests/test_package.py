@@ -3,8 +3,8 @@
 DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmodel ->
 problems, language, curvature, factors, interface -> kfac, exact, reference, gradient, lbfgs ->
 newton, approximations, adam, shampoo, ekfac, reparam, ... -> optim, hessianfree ->
-timing -> bench, scaling, fidelity, tuning -> ``__main__``. No module imports a layer above its own or the
-package root's re-exports.
+timing -> bench, scaling, fidelity, tuning -> ``__main__``. No module imports a layer above its
+own or the package root's re-exports.
 """
 
 from __future__ import annotations
