@@ -23,6 +23,8 @@ SUBMODULES = (
     "exact",
     "factors",
     "feasibility",
+    "fidelity",
+    "comparison",
     "hessianfree",
     "gradient",
     "hessianfree",

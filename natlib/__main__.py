@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
             "distributed",
             "newton",
             "sweep",
+            "training",
         ],
         help="which benchmark (distributed: K-FAC's refresh in 1 and 2 processes)",
     )
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--out: {reason}")
 
         from natlib import bench as benchmarks
-        from natlib import bench_distributed, feasibility, scaling, sweeps
+        from natlib import bench_distributed, comparison, feasibility, fidelity, scaling, sweeps
 
         if args.name == "sweep":
             reported = sweeps.benchmark(args.problem, device=args.device)
@@ -97,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
                 else benchmarks.architecture_benchmark(args.model, device=args.device)
             ),
             "scaling": lambda: scaling.benchmark(args.device),
-            "approximations": lambda: benchmarks.approximations_benchmark(device=args.device),
+            "approximations": lambda: fidelity.approximations_benchmark(device=args.device),
             "distributed": lambda: bench_distributed.benchmark(args.device),
             "newton": lambda: feasibility.measure(device=args.device or "cpu"),
+            "training": lambda: comparison.compare_optimizers(device=args.device or "cpu"),
         }
         result = chosen[args.name]()
         print(result.report())

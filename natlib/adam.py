@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from natlib.checks import check_finite, check_positive, check_unit_interval
+from natlib.approximations import DiagonalFisher
+from natlib.checks import (
+    check_finite,
+    check_positive,
+    check_positive_int,
+    check_unit_interval,
+)
 from natlib.gradient import GradientWatcher, check_gradient_kind, minibatch_gradient
 from natlib.interface import Flops, RunningCurvature
 from natlib.layout import ParamLayout
@@ -228,3 +234,103 @@ class AdamPreconditioner(RunningCurvature):
             )
         out._damping = state["damping"]
         return out
+
+
+def minibatch_second_moment(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    batch_size: int,
+    *,
+    kind: FisherKind = "empirical",
+    epochs: int = 1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""The mean of :math:`\bar g_b \odot \bar g_b` over the mini-batches :math:`b` of
+    ``epochs`` shuffled passes (the last incomplete batch of each pass dropped), at fixed
+    weights, flat: what Adam's :math:`\hat v_t` averages as :math:`\beta_2 \to 1` if the
+    weights did not move. ``kind="empirical"`` takes the data's labels; ``"mc"`` draws each
+    example's label from the model, and then
+    :math:`\mathbb E\,[\bar g_b \odot \bar g_b] = \mathrm{diag}\,F / B` exactly, because
+    sampled gradients have mean zero (so the mini-batch alone changes only the scale).
+
+    Raises:
+        ValueError: for a bad ``batch_size`` or ``epochs``, or ``kind="exact"``.
+    """
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("epochs", epochs)
+    n = X.shape[0]
+    if batch_size > n:
+        raise ValueError(f"batch_size {batch_size} exceeds the {n} examples.")
+    total, batches = None, 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator).to(X.device)
+        for start in range(0, n - batch_size + 1, batch_size):
+            index = order[start : start + batch_size]
+            g = minibatch_gradient(model, loss_fn, X[index], y[index], kind, generator)
+            total = g * g if total is None else total.addcmul_(g, g)
+            batches += 1
+    return total / batches
+
+
+#: The diagonals of :func:`adam_differences`, each one change away from the diagonal Fisher
+#: (Adam makes all three).
+DIFFERENCES = (
+    "diagonal Fisher",
+    "data labels",
+    "mini-batch squares",
+    "power -1/2",
+    "Adam",
+)
+
+
+def adam_differences(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    batch_size: int,
+    *,
+    epochs: int = 1,
+    generator: torch.Generator | None = None,
+) -> dict[str, tuple[Tensor, float]]:
+    r"""Adam's preconditioner and the diagonal Fisher, and the three ways they differ taken
+    one at a time, as ``{name: (diagonal, power)}`` for the curvature
+    :math:`\mathrm{diagonal}^{\,\mathrm{power}}` (keys :data:`DIFFERENCES`):
+
+    - ``"diagonal Fisher"``: :math:`\mathrm{diag}\,F` (per-example, the model's labels in
+      expectation), power 1;
+    - ``"data labels"``: :math:`\mathrm{diag}\,F_\text{emp}`, per-example gradients at the
+      data's labels, power 1;
+    - ``"mini-batch squares"``: :func:`minibatch_second_moment` with labels drawn from the
+      model, power 1;
+    - ``"power -1/2"``: :math:`\mathrm{diag}\,F`, power :math:`\tfrac12` (so the step divides
+      by its square root);
+    - ``"Adam"``: :func:`minibatch_second_moment` at the data's labels, power
+      :math:`\tfrac12`.
+    """
+    fisher = DiagonalFisher.from_batch(model, loss_fn, X, y).diagonal
+    empirical = DiagonalFisher.from_batch(model, loss_fn, X, y, kind="empirical").diagonal
+    options = dict(epochs=epochs, generator=generator)
+    sampled = minibatch_second_moment(model, loss_fn, X, y, batch_size, kind="mc", **options)
+    squares = minibatch_second_moment(model, loss_fn, X, y, batch_size, **options)
+    return {
+        "diagonal Fisher": (fisher, 1.0),
+        "data labels": (empirical, 1.0),
+        "mini-batch squares": (sampled, 1.0),
+        "power -1/2": (fisher, 0.5),
+        "Adam": (squares, 0.5),
+    }
+
+
+def diagonal_direction(
+    gradient: Tensor, diagonal: Tensor, power: float, damping: float, mean: float
+) -> Tensor:
+    r""":math:`g \oslash (\kappa c + \lambda)` with :math:`c = \mathrm{diagonal}^{\,p}` rescaled
+    by :math:`\kappa = \mathrm{mean} / \bar c` to the given mean, so that one damping
+    :math:`\lambda` means the same for curvatures of different scales and powers."""
+    check_positive("damping", damping)
+    check_positive("mean", mean)
+    c = diagonal**power
+    return gradient / (c * (mean / c.mean()) + damping)

@@ -1,5 +1,5 @@
-"""The benchmarks behind ``python -m natlib bench curvature|kfac|approximations``
-(``kfac --model mlp|cnn|transformer``).
+"""The benchmarks behind ``python -m natlib bench curvature|kfac`` (``kfac --model
+mlp|cnn|transformer``); ``approximations`` is :mod:`natlib.fidelity`'s.
 
 Times are medians from :mod:`natlib.timing`, measured in the same process as the baselines
 they are compared with; the slow per-example references come from :mod:`natlib.reference`.
@@ -7,7 +7,6 @@ they are compared with; the slow per-example references come from :mod:`natlib.r
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,17 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from natlib import curvature, language, problems, timing
-from natlib.adam import AdamPreconditioner
-from natlib.approximations import BlockDiagonalFisher, DiagonalFisher
-from natlib.ekfac import EKFACApproximation
-from natlib.exact import Fisher
-from natlib.interface import Curvature, RunningCurvature
 from natlib.kfac import KFACApproximation
-from natlib.lbfgs import LBFGSOperator
 from natlib.optim import KFAC
 from natlib.reference import naive_fisher
 from natlib.reference import vmap_einsum_fisher as vmap_einsum_fisher
-from natlib.shampoo import ShampooPreconditioner
 
 DIGITS_SIZES = (64, 20, 20, 20, 20, 20, 10)
 CURVATURE_TARGET_S = 10.0
@@ -342,151 +334,5 @@ def architecture_benchmark(
         rounds=rounds,
         sgd_s=step_s.pop("sgd"),
         step_s=step_s,
-        environment=timing.environment(device),
-    )
-
-
-APPROXIMATION_EXAMPLES = 128  # digits training examples in the batch
-APPROXIMATION_DAMPING = 1e-3
-#: The curvature pairs the L-BFGS operator keeps in the approximation benchmark.
-LBFGS_PAIRS = 10
-
-
-@dataclass(frozen=True)
-class ApproximationRow:
-    """One method's fidelity to the exact Fisher and its cost (seconds are medians)."""
-
-    method: str
-    relative_error: float  # ||C - F||_F / ||F||_F
-    block_error: float  # the same within the layer blocks: C's and F's block diagonals
-    cosine: float  # between (C + lambda I)^{-1} g and (F + lambda I)^{-1} g
-    memory_bytes: int
-    update_s: float  # the batch estimate, from_batch
-    refresh_s: float  # refresh(damping); 0 where there is nothing to redo
-    solve_s: float
-
-
-@dataclass(frozen=True)
-class ApproximationBenchmark:
-    """The fidelity/cost table of every curvature approximation on one batch."""
-
-    sizes: tuple[int, ...]
-    parameters: int
-    examples: int
-    damping: float
-    dtype: str
-    rows: list[ApproximationRow]
-    environment: dict[str, object] = field(default_factory=dict)
-
-    def report(self) -> str:
-        lines = [
-            f"curvature approximations against the exact Fisher, tanh MLP "
-            f"{'-'.join(map(str, self.sizes))} ({self.parameters} parameters), "
-            f"{self.examples} digits, damping {self.damping:g}, {self.dtype}, on "
-            f"{self.environment.get('device')}; times are medians",
-            f"  {'method':28s} {'rel. error':>10s} {'in blocks':>10s} {'cosine':>8s} "
-            f"{'memory':>10s} {'update':>10s} {'refresh':>10s} {'solve':>10s}",
-        ]
-        for r in self.rows:
-            lines.append(
-                f"  {r.method:28s} {r.relative_error:10.4f} {r.block_error:10.4f} {r.cosine:8.4f} "
-                f"{r.memory_bytes / 2**10:7.0f} KiB {1e3 * r.update_s:7.2f} ms "
-                f"{1e3 * r.refresh_s:7.2f} ms {1e3 * r.solve_s:7.3f} ms"
-            )
-        return "\n".join(lines)
-
-
-def approximation_methods(
-    model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor
-) -> dict[str, Callable[[], Curvature]]:
-    r"""How each method builds its estimate on the batch: the Fisher's own (``kind="exact"``)
-    where the method has one, the mini-batch gradient at the data labels for Adam
-    (:math:`\beta_2 = 0.999`, first step) and Shampoo (exact damping), and for L-BFGS the
-    operator of :data:`LBFGS_PAIRS` pairs along ``torch.optim.LBFGS``'s path from these
-    weights (its update is forming the operator from the pairs)."""
-    args = (model, loss_fn, X, y)
-    pairs = LBFGSOperator.from_batch(*args, iterations=LBFGS_PAIRS, history_size=LBFGS_PAIRS)
-    layout, steps, differences = pairs.layout, pairs.steps, pairs.differences
-    return {
-        "exact Fisher (dense)": lambda: _formed(Fisher.from_batch(*args)),
-        "block-diagonal Fisher": lambda: BlockDiagonalFisher.from_batch(*args),
-        "EK-FAC": lambda: EKFACApproximation.from_batch(*args),
-        "K-FAC (exact damping)": lambda: KFACApproximation.from_batch(*args, damping_mode="exact"),
-        "K-FAC (pi damping)": lambda: KFACApproximation.from_batch(*args, damping_mode="pi"),
-        "Shampoo": lambda: ShampooPreconditioner.from_batch(*args, damping_mode="exact"),
-        "diagonal Fisher": lambda: DiagonalFisher.from_batch(*args),
-        "diagonal empirical Fisher": lambda: DiagonalFisher.from_batch(*args, kind="empirical"),
-        "Adam (first step)": lambda: AdamPreconditioner.from_batch(*args),
-        f"L-BFGS ({LBFGS_PAIRS} pairs)": lambda: LBFGSOperator(layout, steps, differences),
-    }
-
-
-def _formed(fisher: Fisher) -> Fisher:
-    fisher.to_dense()
-    return fisher
-
-
-def _cosine(a: Tensor, b: Tensor) -> float:
-    return (a @ b / (a.norm() * b.norm())).item()
-
-
-def approximations_benchmark(
-    sizes: tuple[int, ...] = DIGITS_SIZES,
-    examples: int = APPROXIMATION_EXAMPLES,
-    damping: float = APPROXIMATION_DAMPING,
-    min_run_time: float = 0.05,
-    device: str | torch.device | None = None,
-) -> ApproximationBenchmark:
-    r"""Each method of :func:`approximation_methods` on the chapter-3 digits network (tanh
-    64-20-20-20-20-20-10, seed 0) and the first ``examples`` digits of the training set, in
-    float64: relative Frobenius error to the exact Fisher (and between the two matrices' layer
-    block diagonals), cosine of its damped solve with the
-    exact damped natural gradient :math:`(F + \lambda I)^{-1} \nabla L`, memory
-    (``memory_bytes`` after a solve), and median times of ``from_batch``, ``refresh`` and
-    ``solve`` (CPU seconds of the process on the CPU, see :func:`natlib.timing.cpu_clock`)."""
-    dtype, device = torch.float64, timing.resolve_device(device)
-    data = problems.digits(dtype=dtype, device=device)
-    X, y = data.X_train[:examples], data.y_train[:examples]
-    model = problems.mlp(list(sizes), seed=0).to(dtype=dtype, device=device)
-    loss_fn = data.loss_fn
-    exact = _formed(Fisher.from_batch(model, loss_fn, X, y))
-    F = exact.to_dense()
-    F_blocks = exact.layout.block_diagonal(F)
-    g = curvature.flat_gradient(model, loss_fn, X, y)
-    natural = exact.solve(g, damping)
-    clock = timing.cpu_clock(device)  # CPU seconds: other processes do not inflate them
-
-    def seconds(fn: Callable[[], object]) -> float:
-        return timing.median_seconds(fn, min_run_time, clock)
-
-    rows = []
-    for name, build in approximation_methods(model, loss_fn, X, y).items():
-        C = build()
-        direction = C.solve(g, damping)
-        dense = C.to_dense()
-        refresh_s = 0.0
-        if isinstance(C, RunningCurvature):
-            refresh_s = seconds(lambda C=C: C.refresh(damping))
-        rows.append(
-            ApproximationRow(
-                method=name,
-                relative_error=((dense - F).norm() / F.norm()).item(),
-                block_error=(
-                    (exact.layout.block_diagonal(dense) - F_blocks).norm() / F_blocks.norm()
-                ).item(),
-                cosine=_cosine(direction, natural),
-                memory_bytes=C.memory_bytes,
-                update_s=seconds(build),
-                refresh_s=refresh_s,
-                solve_s=seconds(lambda C=C: C.solve(g, damping)),
-            )
-        )
-    return ApproximationBenchmark(
-        sizes=tuple(sizes),
-        parameters=exact.layout.numel,
-        examples=len(X),
-        damping=damping,
-        dtype="float64",
-        rows=rows,
         environment=timing.environment(device),
     )

@@ -192,3 +192,67 @@ class LBFGSOperator(Curvature):
         (:math:`4m^2P`); a two-loop solve: :math:`4mP + P`."""
         m, p = self.history, self.layout.numel
         return Flops(update=4 * p, refresh=4 * m * m * p, solve=4 * m * p + p)
+
+
+def inverse_dense(operator: LBFGSOperator) -> Tensor:
+    r""":math:`H_m` as a dense ``(P, P)`` matrix, column by column from the two-loop recursion
+    (small models only)."""
+    eye = torch.eye(operator.layout.numel, dtype=operator.dtype, device=operator.device)
+    return torch.stack([operator.inverse_matvec(e) for e in eye], dim=1)
+
+
+def quadratic_iterations(
+    A: Tensor,
+    b: Tensor,
+    x0: Tensor,
+    T: Tensor,
+    tolerance: float = 1e-8,
+    max_iter: int = 1000,
+    history_size: int = 10,
+) -> int:
+    r"""Iterations of ``torch.optim.LBFGS`` (strong Wolfe line search) on
+    :math:`f(x) = \tfrac12 x^\top A x - b^\top x` run in the coordinates :math:`z` with
+    :math:`x = Tz`, from :math:`z_0 = T^{-1} x_0`, until the optimality gap
+    :math:`f(x) - f^*` falls to ``tolerance`` times its start (a criterion that does not
+    depend on the coordinates), or ``max_iter``.
+
+    L-BFGS is invariant when the iterates in :math:`z`, mapped through :math:`T`, are those in
+    :math:`x`: for orthogonal :math:`T` and for :math:`T = cI` (its initial scaling
+    :math:`\gamma = s^\top y / y^\top y` adapts), not for a general diagonal :math:`T`.
+
+    Raises:
+        ValueError: for shapes that do not match or a non-positive tolerance.
+    """
+    n = A.shape[0]
+    if A.shape != (n, n) or b.shape != (n,) or x0.shape != (n,) or T.shape != (n, n):
+        raise ValueError(
+            f"A must be (n, n) and b, x0 (n,), T (n, n); got {tuple(A.shape)}, "
+            f"{tuple(b.shape)}, {tuple(x0.shape)}, {tuple(T.shape)}."
+        )
+    check_positive_int("max_iter", max_iter)
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be positive, got {tolerance}.")
+    x_star = torch.linalg.solve(A, b)
+
+    def f(x: Tensor) -> Tensor:
+        return 0.5 * x @ A @ x - b @ x
+
+    f_star = f(x_star)
+    gap0 = (f(x0) - f_star).item()
+    z = torch.linalg.solve(T, x0).clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [z], lr=1, max_iter=max_iter, max_eval=100 * max_iter, history_size=history_size,
+        line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0,
+    )  # fmt: skip
+    reached: list[int] = []
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = f(T @ z)
+        loss.backward()
+        if not reached and (loss - f_star).item() <= tolerance * gap0:
+            reached.append(optimizer.state[z].get("n_iter", 0))
+        return loss
+
+    optimizer.step(closure)  # one call runs every iteration (max_iter=1 calls stall)
+    return reached[0] if reached else max_iter

@@ -16,7 +16,7 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 DATA = BOOK / "data"  # recorded runs, JSON written by ``python -m natlib bench ...``
 
 _RECORD_NAME = re.compile(
-    r"(?P<kind>kfac_benchmark_|scaling-|distributed-|newton-|"
+    r"(?P<kind>kfac_benchmark_|scaling-|distributed-|newton-|approximations-|training-|"
     r"sweep-(?P<problem>kfac-ngd|autoencoder)-)(?P<device>cpu|cuda)\.json"
 )
 
@@ -29,9 +29,10 @@ def book_notebooks() -> list[Path]:
 def record_command(name: str) -> str:
     """The command that writes the recorded run ``book/data/<name>``, run from the repository root.
 
-    Known records are ``kfac_benchmark_<device>.json``, ``scaling-<device>.json`` and
-    ``distributed-<device>.json``, ``newton-<device>.json`` and ``sweep-<problem>-<device>.json``
-    (``<problem>`` ``kfac-ngd`` or ``autoencoder``) with ``<device>`` ``cpu`` or ``cuda``.
+    Known records are ``kfac_benchmark_<device>.json``, ``scaling-<device>.json``,
+    ``distributed-<device>.json``, ``newton-<device>.json``, ``approximations-<device>.json``,
+    ``training-<device>.json`` and ``sweep-<problem>-<device>.json`` (``<problem>``
+    ``kfac-ngd`` or ``autoencoder``) with ``<device>`` ``cpu`` or ``cuda``.
 
     Raises:
         ValueError: ``name`` is not one of them.
@@ -40,7 +41,8 @@ def record_command(name: str) -> str:
     if match is None:
         raise ValueError(
             f"{name!r} is not a recorded run; known names are kfac_benchmark_<device>.json, "
-            "scaling-<device>.json, distributed-<device>.json, newton-<device>.json and "
+            "scaling-<device>.json, distributed-<device>.json, newton-<device>.json, "
+            "approximations-<device>.json, training-<device>.json and "
             "sweep-<kfac-ngd|autoencoder>-<device>.json with <device> cpu or cuda."
         )
     out = f"book/data/{name}"
@@ -49,7 +51,7 @@ def record_command(name: str) -> str:
             f"python -m natlib bench sweep --problem {match['problem']} "
             f"--device {match['device']} --out {out}"
         )
-    if match["kind"] in ("scaling-", "distributed-", "newton-"):
+    if match["kind"] in ("scaling-", "distributed-", "newton-", "approximations-", "training-"):
         bench = match["kind"].rstrip("-")
         return f"python -m natlib bench {bench} --device {match['device']} --out {out}"
     return f"NATLIB_DEVICE={match['device']} python -m natlib bench kfac --json {out}"

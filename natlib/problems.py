@@ -264,11 +264,14 @@ def mlp(
     activation: Activation = "tanh",
     bias: bool = True,
     seed: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Sequential:
     """A multilayer perceptron: ``Linear``, activation, ..., ``Linear`` with the given sizes.
 
     No activation after the last layer (losses take logits). ``seed`` makes the
-    initialisation independent of the global generator.
+    initialisation independent of the global generator; ``dtype`` (default: torch's default)
+    is the one the weights are drawn in, so a seed gives the same float64 weights whatever the
+    default dtype.
 
     Raises:
         ValueError: for fewer than two sizes, a size that is not a positive integer, an
@@ -285,7 +288,7 @@ def mlp(
         )
     layers: list[nn.Module] = []
     for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(d_in, d_out, bias=bias))
+        layers.append(nn.Linear(d_in, d_out, bias=bias, dtype=dtype))
         if i < len(sizes) - 2:
             layers.append(_ACTIVATIONS[activation]())
     model = nn.Sequential(*layers)

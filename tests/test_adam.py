@@ -7,7 +7,7 @@ import torch
 from cases import LOSSES, mlp_case
 from helpers import assert_close
 
-from natlib import curvature
+from natlib import adam, curvature, problems
 from natlib.adam import AdamPreconditioner
 from natlib.approximations import DiagonalFisher
 from natlib.layout import ParamLayout
@@ -153,3 +153,50 @@ def test_clear_errors() -> None:
         C.denominators(0.0)
     with pytest.raises(ValueError, match="kind must be 'empirical'"):
         PreconditionedOptimizer(case.model, case.loss_fn, AdamPreconditioner, 0.1, 1e-8, kind="mc")
+
+
+def test_minibatch_second_moment_at_the_extremes(float64):
+    """Batches of one give the diagonal empirical Fisher; one batch of all, the squared
+    gradient."""
+    data = problems.digits(dtype=torch.float64)
+    model = problems.mlp([64, 5, 10], seed=0)
+    X, y = data.X_train[:24], data.y_train[:24]
+    ones = adam.minibatch_second_moment(model, data.loss_fn, X, y, 1)
+    empirical = DiagonalFisher.from_batch(model, data.loss_fn, X, y, kind="empirical")
+    torch.testing.assert_close(ones, empirical.diagonal, rtol=1e-10, atol=1e-14)
+    g = curvature.flat_gradient(model, data.loss_fn, X, y)
+    whole = adam.minibatch_second_moment(model, data.loss_fn, X, y, 24, epochs=2)
+    torch.testing.assert_close(whole, g * g, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        adam.minibatch_second_moment(model, data.loss_fn, X, y, 25)
+
+
+def test_sampled_minibatch_squares_average_to_the_fisher_over_b(float64):
+    data = problems.digits(dtype=torch.float64)
+    model = problems.mlp([64, 3, 10], seed=0)
+    X, y = data.X_train[:16], data.y_train[:16]
+    generator = torch.Generator().manual_seed(0)
+    sampled = adam.minibatch_second_moment(
+        model, data.loss_fn, X, y, 4, kind="mc", epochs=400, generator=generator
+    )
+    fisher = DiagonalFisher.from_batch(model, data.loss_fn, X, y).diagonal
+    expected = fisher / 4
+    assert ((sampled - expected).norm() / expected.norm()).item() < 0.1
+
+
+def test_adam_differences_change_one_thing_at_a_time(float64):
+    data = problems.digits(dtype=torch.float64)
+    model = problems.mlp([64, 3, 10], seed=0)
+    X, y = data.X_train[:16], data.y_train[:16]
+    variants = adam.adam_differences(model, data.loss_fn, X, y, 4)
+    assert tuple(variants) == adam.DIFFERENCES
+    fisher, power = variants["diagonal Fisher"]
+    assert power == 1.0 and torch.equal(variants["power -1/2"][0], fisher)
+    assert variants["power -1/2"][1] == variants["Adam"][1] == 0.5
+    g = curvature.flat_gradient(model, data.loss_fn, X, y)
+    d = adam.diagonal_direction(g, fisher, 1.0, 1e-3, fisher.mean().item())
+    torch.testing.assert_close(d, g / (fisher + 1e-3))
+    scaled = adam.diagonal_direction(g, 7 * fisher, 1.0, 1e-3, fisher.mean().item())
+    torch.testing.assert_close(scaled, d)
+    with pytest.raises(ValueError, match="damping"):
+        adam.diagonal_direction(g, fisher, 1.0, 0.0, 1.0)

@@ -61,20 +61,6 @@ def test_kfac_benchmark_reports_every_configuration():
     assert result.environment["threads"] == torch.get_num_threads()
 
 
-def test_approximations_benchmark_reports_every_method(float64):
-    result = bench.approximations_benchmark(sizes=(64, 5, 4, 10), examples=12, min_run_time=0.0)
-    names = [row.method for row in result.rows]
-    assert names[0] == "exact Fisher (dense)" and len(names) == 10
-    rows = {row.method: row for row in result.rows}
-    exact = rows["exact Fisher (dense)"]
-    assert exact.relative_error < 1e-12 and exact.cosine == pytest.approx(1.0, abs=1e-12)
-    assert rows["block-diagonal Fisher"].block_error < 1e-12
-    assert rows["EK-FAC"].block_error <= rows["K-FAC (exact damping)"].block_error
-    assert all(row.memory_bytes > 0 and row.solve_s > 0 for row in result.rows)
-    report = result.report()
-    assert all(name in report for name in names) and "rel. error" in report
-
-
 def test_the_recorded_kfac_run_still_loads():
     record = bench.KFACBenchmark(**json.loads(RECORD.read_text()))
     assert "K-FAC mc        T_cov/T_inv 10/100" in record.report()

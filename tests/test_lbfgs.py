@@ -8,6 +8,7 @@ from cases import mlp_case, vector
 from helpers import assert_close
 from torch import nn
 
+from natlib import lbfgs
 from natlib.layout import ParamLayout
 from natlib.lbfgs import LBFGSOperator
 
@@ -125,3 +126,35 @@ def test_clear_errors() -> None:
     optimizer = torch.optim.LBFGS(case.model.parameters())
     with pytest.raises(ValueError, match="holds no"):
         LBFGSOperator.from_optimizer(case.model, optimizer)
+
+
+def test_inverse_dense_is_the_two_loop_recursion(float64):
+    generator = torch.Generator().manual_seed(0)
+    n = 6
+    A = torch.randn(n, n, generator=generator)
+    A = A @ A.T + n * torch.eye(n)
+    steps = [torch.randn(n, generator=generator) for _ in range(3)]
+    layout = ParamLayout.of(torch.nn.Linear(n, 1, bias=False))
+    operator = LBFGSOperator(layout, steps, [A @ s for s in steps])
+    H = lbfgs.inverse_dense(operator)
+    v = torch.randn(n, generator=generator)
+    torch.testing.assert_close(H @ v, operator.solve(v, 0.0))
+
+
+def test_quadratic_iterations_are_invariant_to_rotation_and_scale_not_diagonal(float64):
+    generator = torch.Generator().manual_seed(0)
+    n = 12
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator))
+    A = Q @ torch.diag(torch.logspace(0, 3, n)) @ Q.T
+    b, x0 = torch.randn(n, generator=generator), torch.randn(n, generator=generator)
+    R, _ = torch.linalg.qr(torch.randn(n, n, generator=generator))
+    D = torch.diag(torch.empty(n).uniform_(-3, 3, generator=generator).exp())
+    counts = [
+        lbfgs.quadratic_iterations(A, b, x0, T, 1e-6, max_iter=400)
+        for T in (torch.eye(n), 100 * torch.eye(n), R, D)
+    ]
+    # equal up to round-off amplified over the iterations and torch's first step
+    assert max(abs(c - counts[0]) for c in counts[1:3]) <= 0.15 * counts[0]
+    assert counts[3] > 2 * counts[0]
+    with pytest.raises(ValueError, match="must be"):
+        lbfgs.quadratic_iterations(A, b[:-1], x0, R)

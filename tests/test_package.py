@@ -4,8 +4,9 @@ DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmo
 coordinates -> problems, language, curvature, factors, interface, recording -> kfac, exact,
 reference, gradient, lbfgs, preconditioned -> newton, approximations, adam, shampoo, ekfac,
 reparam, ... -> optim, hessianfree, invariance -> timing, distributed -> bench,
-bench_distributed, scaling, sweeps -> ``__main__`` (launch is layer 0). No module imports a
-layer above its own or the package root's re-exports, and none is longer than ``MAX_LINES``.
+bench_distributed, scaling, sweeps, fidelity, comparison -> ``__main__`` (launch is layer 0).
+No module imports a layer above its own or the package root's re-exports, and none is longer
+than ``MAX_LINES``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ LAYERS = {
     "bench_distributed": 7,
     "scaling": 7,
     "sweeps": 7,
+    "fidelity": 7,
+    "comparison": 7,
     "__main__": 8,
 }
 

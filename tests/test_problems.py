@@ -140,3 +140,17 @@ def test_digits_cnn_shapes_seed_and_kfac_step() -> None:
     assert optimizer.curvature.positions == {"1": 64, "3": 16, "5": 4, "8": 1}
     with pytest.raises(ValueError, match="channels must be positive"):
         problems.digits_cnn(channels=())
+
+
+def test_mlp_draws_its_weights_in_the_dtype_it_is_given():
+    """A seed gives the same float64 weights whatever torch's default dtype."""
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float32)
+        a = problems.mlp([4, 3, 2], seed=0, dtype=torch.float64)
+        torch.set_default_dtype(torch.float64)
+        b = problems.mlp([4, 3, 2], seed=0)
+    finally:
+        torch.set_default_dtype(previous)
+    assert a[0].weight.dtype == torch.float64
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
