@@ -134,7 +134,7 @@ def run_one(
     dtype: torch.dtype = torch.float64,
 ) -> Any:
     """Train ``method`` with ``setting`` from the initialisation of ``seed``; a
-    :class:`natlib.optim.Trace`. Seed ``s`` fixes the initial weights, the mini-batch order
+    :class:`natlib.preconditioned.Trace`. Seed ``s`` fixes the initial weights, the mini-batch order
     and K-FAC's sampled targets, the same for every method. The run does not depend on the
     caller's default dtype: it runs under torch's default, float32, with the data and the
     model (drawn in float32, then cast) in ``dtype``."""
