@@ -84,7 +84,8 @@ def train_lbfgs(
     clock: Callable[[], float] = time.process_time,
 ) -> Trace:
     """``steps`` iterations of ``torch.optim.LBFGS`` (build it with ``max_iter=1``) on the full
-    batch, recorded as :func:`natlib.preconditioned.train` records a run. Stops at a non-finite loss."""
+    batch, recorded as :func:`natlib.preconditioned.train` records a run. Stops at a non-finite
+    loss."""
 
     def closure() -> Tensor:
         optimizer.zero_grad()
