@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from natlib import costmodel, curvature, timing
+from natlib import costmodel, curvature, runtime, timing
 from natlib.exact import GGN
 from natlib.optim import KFAC
 
@@ -213,18 +213,16 @@ def measure(
 ) -> NewtonRecord:
     """Time the four methods on one thread (see the module) and return the record."""
     device = timing.resolve_device(device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        dtype = torch.get_default_dtype()
+    dtype = torch.get_default_dtype()
+    with runtime.threads(1):
         torch.set_default_dtype(torch.float32)
-        dense = [dense_row(w, batch, device, min_run_time) for w in dense_widths]
-        free = [matrix_free_row(w, batch, device, min_run_time) for w in widths]
-        torch.set_default_dtype(dtype)
+        try:
+            dense = [dense_row(w, batch, device, min_run_time) for w in dense_widths]
+            free = [matrix_free_row(w, batch, device, min_run_time) for w in widths]
+        finally:
+            torch.set_default_dtype(dtype)
         steps = digits_step_seconds() if digits else {}
         return NewtonRecord(SCHEMA, timing.environment(device), batch, DAMPING, dense, free, steps)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def write_record(record: NewtonRecord, path: Path) -> None:

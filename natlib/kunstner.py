@@ -36,7 +36,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from natlib import curvature
+from natlib import curvature, runtime
 from natlib.checks import check_choice
 from natlib.problems import LOGISTIC_DATASETS as LOGISTIC_DATASETS
 from natlib.problems import LogisticDataset as LogisticDataset
@@ -152,15 +152,11 @@ def flow(
     agree). The steps are tiny tensor operations, so they run on one thread: with more,
     synchronisation costs more than the arithmetic.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with runtime.threads(1):
         path = starts.new_empty(steps + 1, *starts.shape)
         path[0] = starts
         for k in range(steps):
             path[k + 1] = path[k] + step_size * vector(path[k])
-    finally:
-        torch.set_num_threads(threads)
     return path
 
 

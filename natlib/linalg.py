@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from natlib.checks import check_choice, check_finite, check_positive
+from natlib.checks import check_choice, check_finite, check_positive, is_finite
 
 DampingMode = Literal["exact", "pi"]
 #: The default relative residual at which conjugate gradients stop, per dtype.
@@ -51,7 +51,7 @@ def eigh(matrix: Tensor, what: str) -> Eigen:
     check_finite(matrix, what)
     try:
         values, vectors = torch.linalg.eigh(matrix)
-        ok = bool(torch.isfinite(values).all() and torch.isfinite(vectors).all())
+        ok = is_finite(values) and is_finite(vectors)
     except torch.linalg.LinAlgError:
         if matrix.dtype == torch.float64:
             raise ValueError(f"the eigendecomposition of {what} did not converge.") from None

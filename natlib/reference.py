@@ -16,6 +16,7 @@ entries):
   closed-form output Hessian of :mod:`natlib.losses` (for these losses the Fisher equals the
   GGN);
 - :func:`naive_empirical_fisher`: :math:`r \sum_n g_n g_n^\top` (Kunstner et al., 2019);
+- :func:`naive_hessian`: :math:`\nabla^2_\theta L`, row by row by double backward;
 - :func:`vmap_einsum_fisher`: the Fisher again, vectorised the straightforward way (all
   Jacobians at once), the benchmark's middle baseline.
 """
@@ -31,8 +32,9 @@ from torch.func import functional_call, jacrev, vmap
 from natlib.losses import likelihood
 
 
-def _flat(grads: tuple[Tensor, ...]) -> Tensor:
-    return torch.cat([g.reshape(-1) for g in grads])
+def flat(tensors: tuple[Tensor, ...]) -> Tensor:
+    """Per-parameter tensors joined into one vector in parameter order."""
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def naive_jacobian(model: nn.Module, x: Tensor) -> Tensor:
@@ -40,7 +42,7 @@ def naive_jacobian(model: nn.Module, x: Tensor) -> Tensor:
     order, one ``torch.autograd.grad`` call per output entry."""
     params = list(model.parameters())
     out = model(x.unsqueeze(0))[0].reshape(-1)
-    return torch.stack([_flat(torch.autograd.grad(o, params, retain_graph=True)) for o in out])
+    return torch.stack([flat(torch.autograd.grad(o, params, retain_graph=True)) for o in out])
 
 
 def per_example_gradients(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
@@ -53,7 +55,7 @@ def per_example_gradients(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Te
     params = list(model.parameters())
     return torch.stack(
         [
-            _flat(torch.autograd.grad(summed(model(X[n : n + 1]), y[n : n + 1]), params))
+            flat(torch.autograd.grad(summed(model(X[n : n + 1]), y[n : n + 1]), params))
             for n in range(len(X))
         ]
     )
@@ -95,6 +97,14 @@ def naive_ggn(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Ten
         J = naive_jacobian(model, X[n])
         G += J.T @ H @ J
     return G
+
+
+def naive_hessian(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    r"""The Hessian :math:`\nabla^2_\theta L`, ``(P, P)``: one double-backward call per
+    row."""
+    params = list(model.parameters())
+    g = flat(torch.autograd.grad(loss_fn(model(X), y), params, create_graph=True))
+    return torch.stack([flat(torch.autograd.grad(gi, params, retain_graph=True)) for gi in g])
 
 
 def naive_fisher(model: nn.Module, loss_fn: nn.Module, X: Tensor) -> Tensor:

@@ -1,15 +1,18 @@
-"""Seeding, default dtype and device choice, shared by every notebook, test and benchmark."""
+"""Seeding, default dtype, device and thread choice, shared by every notebook, test and
+benchmark."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from natlib.checks import check_float_dtype, check_seed
+from natlib.checks import check_float_dtype, check_positive_int, check_seed
 
 DEVICE_VARIABLE = "NATLIB_DEVICE"
 
@@ -68,3 +71,19 @@ def setup(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.device:
     torch.use_deterministic_algorithms(True, warn_only=True)
     warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
     return chosen
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch threads and restore the previous count after it.
+
+    Timings on one thread, read on the process's CPU clock, are what other processes on a
+    shared machine disturb least; small per-example loops are also faster on one thread.
+    """
+    check_positive_int("threads", count)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -21,7 +21,7 @@ from statistics import median
 import torch
 from torch import Tensor
 
-from natlib import costmodel, timing
+from natlib import costmodel, runtime, timing
 from natlib.costmodel import GROUPS as GROUPS
 from natlib.costmodel import PARTS as PARTS
 from natlib.costmodel import FactorCost as FactorCost
@@ -379,9 +379,7 @@ def measure(
     def steps(configs: list[tuple[int, int, int]]) -> list[StepTimes]:
         return step_sweep(configs, device, dtype, s.rounds, s.min_run_time, progress)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TIMING_THREADS)
-    try:
+    with runtime.threads(TIMING_THREADS):
         layer = layer_sweep(s.widths, s.batch, device, dtype, s.rounds, s.min_run_time, progress)
         by_width = steps([(d, s.batch, s.depth) for d in s.step_widths])
         by_batch = steps([(s.width, b, s.depth) for b in s.step_batches])
@@ -404,8 +402,6 @@ def measure(
             )
             for T_cov, T_inv in CYCLE_PERIODS
         ]
-    finally:
-        torch.set_num_threads(threads)
     clock = "CPU time of one thread" if device.type == "cpu" else "wall clock"
     return ScalingRecord(
         environment={

@@ -206,9 +206,11 @@ def cycle_step_seconds(
     y: Tensor,
     makers: dict[str, tuple[Callable[[nn.Module], torch.optim.Optimizer], int]],
     rounds: int,
+    clock: Callable[[], float] | None = None,
 ) -> dict[str, float]:
     """Seconds per step of each ``(make optimiser, steps per cycle)``, each on its own copy of
-    ``model``: a warm-up cycle, then medians of ``rounds`` interleaved rounds of one cycle."""
+    ``model``: a warm-up cycle, then medians of ``rounds`` interleaved rounds of one cycle, on
+    ``clock`` (:func:`median_seconds`)."""
     cycles = {}
     for key, (make, steps) in makers.items():
         net = copy.deepcopy(model)
@@ -217,7 +219,7 @@ def cycle_step_seconds(
         run()  # warm-up, and the first factor and inverse update
     return interleaved_medians(
         {
-            key: (lambda run=run, n=n: median_seconds(run, min_run_time=0.0) / n)
+            key: (lambda run=run, n=n: median_seconds(run, 0.0, clock) / n)
             for key, (run, n) in cycles.items()
         },
         rounds,

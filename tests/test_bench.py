@@ -39,6 +39,7 @@ def test_curvature_benchmark_reports_and_records(tmp_path, float64):
 
 
 def test_kfac_benchmark_reports_every_configuration():
+    threads_before = torch.get_num_threads()
     result = bench.kfac_benchmark(rounds=1, widths=(8, 8, 4), batch=16, min_run_time=0.01)
     keys = [
         f"{kind} {T_cov}/{T_inv}"
@@ -58,7 +59,14 @@ def test_kfac_benchmark_reports_every_configuration():
     assert set(result.factors_s) == set(bench.KFAC_KINDS)
     report = result.report()
     assert report.count("target <=") == len(bench.KFAC_SETTINGS)  # verdicts for MC only
-    assert result.environment["threads"] == torch.get_num_threads()
+    assert result.environment["threads"] == 1 and torch.get_num_threads() == threads_before
+    assert result.environment["clock"] == "CPU time of the process"
+    assert "with 1 thread(s), CPU time of the process" in report
+
+
+def test_kfac_benchmark_on_two_threads_reads_the_wall_clock():
+    result = bench.kfac_benchmark(1, (8, 8, 4), 16, min_run_time=0.01, threads=2)
+    assert result.environment["threads"] == 2 and result.environment["clock"] == "wall clock"
 
 
 def test_the_recorded_kfac_run_still_loads():
@@ -72,7 +80,7 @@ def test_cli_passes_the_device(name, monkeypatch, capsys, tmp_path):
     asked = []
     fake = bench.KFACBenchmark((4, 4), 2, "float32", 1, 1.0, {}, {}, {})
     monkeypatch.setattr(
-        bench, f"{name}_benchmark", lambda device=None: asked.append(device) or fake
+        bench, f"{name}_benchmark", lambda device=None, **_: asked.append(device) or fake
     )
     out = tmp_path / "out.json"
     main(["bench", name, "--device", "cpu", "--out", str(out)])
@@ -83,7 +91,7 @@ def test_cli_passes_the_device(name, monkeypatch, capsys, tmp_path):
 
 
 def test_cli_checks_out_before_running(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(bench, "kfac_benchmark", lambda device=None: pytest.fail("it ran"))
+    monkeypatch.setattr(bench, "kfac_benchmark", lambda device=None, **_: pytest.fail("it ran"))
     blocker = tmp_path / "file"
     blocker.write_text("")
     for out, reason in [(tmp_path, "is a folder"), (blocker / "x.json", "is not a folder")]:

@@ -14,6 +14,7 @@ from natlib.checks import (
     check_seed,
     check_tensor,
     check_unit_interval,
+    is_finite,
 )
 from natlib.losses import FisherKind
 
@@ -69,3 +70,18 @@ def test_integers_seeds_dtypes_and_tensors() -> None:
         check_float_dtype(torch.float16)
     with pytest.raises(TypeError, match="X must be a torch.Tensor, got ndarray"):
         check_tensor("X", np.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_is_finite_sees_every_nan_and_inf_and_survives_overflowing_sums(dtype) -> None:
+    big = torch.finfo(dtype).max
+    assert is_finite(torch.tensor([big, big], dtype=dtype))  # the sum overflows, entries don't
+    assert is_finite(torch.tensor([big, -big, 1.0], dtype=dtype))
+    assert is_finite(torch.zeros(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 3, 6):
+            x = torch.ones(7, dtype=dtype)
+            x[where] = bad
+            assert not is_finite(x)
+    assert not is_finite(torch.tensor([float("inf"), -float("inf")], dtype=dtype))
+    assert not is_finite(torch.tensor([big, big, float("nan")], dtype=dtype))

@@ -747,6 +747,7 @@ def test_an_ill_conditioned_float32_fisher_warns():
         (["notebooks", "--timeout", "0"], {}, "--timeout must be a positive number"),
         (["bench", "kfac"], {"NATLIB_DEVICE": "tpu"}, "NATLIB_DEVICE='tpu' is not supported"),
         (["bench", "kfac", "--device", "gpu"], {}, "invalid choice: 'gpu'"),
+        (["bench", "kfac", "--threads", "0"], {}, "--threads must be a positive integer"),
     ],
 )
 def test_the_command_line_reports_bad_arguments_without_a_traceback(
@@ -756,7 +757,7 @@ def test_the_command_line_reports_bad_arguments_without_a_traceback(
 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(bench, "kfac_benchmark", lambda device=None: pytest.fail("it ran"))
+    monkeypatch.setattr(bench, "kfac_benchmark", lambda device=None, **_: pytest.fail("it ran"))
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err

@@ -91,3 +91,17 @@ def test_device_unknown_name_is_an_error(monkeypatch):
     monkeypatch.setenv(DEVICE_VARIABLE, "tpu")
     with pytest.raises(ValueError, match="'cpu', 'cuda' or 'cuda:N'"):
         natlib.device()
+
+
+def test_threads_sets_the_count_inside_the_block_and_restores_it_after():
+    before = torch.get_num_threads()
+    with natlib.runtime.threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="boom"), natlib.runtime.threads(1):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        with natlib.runtime.threads(0):
+            pass
+    assert torch.get_num_threads() == before
