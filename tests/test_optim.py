@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from cases import LOSSES, mlp_case
 from helpers import assert_close
 from torch import nn
 from torch.nn.utils import parameters_to_vector
@@ -43,34 +44,23 @@ def dense_step(model, loss_fn, X, y, damping: float, blocks: bool, extra=None) -
     return torch.linalg.solve(F + damping * torch.eye(len(g)), g)
 
 
-CASES = {
-    "ce": (nn.CrossEntropyLoss(), lambda n: torch.tensor([2] * n)),
-    "mse": (nn.MSELoss(), lambda n: torch.linspace(-1, 1, 3 * n).view(n, 3)),
-    "bce": (nn.BCEWithLogitsLoss(), lambda n: torch.linspace(0, 1, 3 * n).view(n, 3)),
-}
-
-
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", LOSSES)
 def test_step_is_block_diagonal_damped_ngd_for_one_example(name: str) -> None:
-    loss_fn, targets = CASES[name]
-    model = problems.mlp([5, 4, 3], seed=1)
-    X, y = torch.linspace(-1, 1, 5).view(1, 5), targets(1)
+    model, loss_fn, X, y = mlp_case(name, (5, 4, 3), n=1)
     expected = flat(model) - 0.5 * dense_step(model, loss_fn, X, y, 0.1, blocks=True)
     one_step(exact_kfac(model, loss_fn, lr=0.5, damping=0.1), model, loss_fn, X, y)
     assert_close(flat(model), expected)
 
 
 def test_step_is_full_damped_ngd_for_one_layer() -> None:
-    model = problems.mlp([5, 3], seed=1)
-    loss_fn, X, y = nn.CrossEntropyLoss(), torch.linspace(-1, 1, 5).view(1, 5), torch.tensor([1])
+    model, loss_fn, X, y = mlp_case("ce", (5, 3), n=1)
     expected = flat(model) - 0.5 * dense_step(model, loss_fn, X, y, 0.1, blocks=False)
     one_step(exact_kfac(model, loss_fn, lr=0.5, damping=0.1), model, loss_fn, X, y)
     assert_close(flat(model), expected)
 
 
 def test_momentum_and_weight_decay_over_two_steps() -> None:
-    model = problems.mlp([5, 4, 3], seed=1)
-    loss_fn, X, y = nn.CrossEntropyLoss(), torch.linspace(-1, 1, 5).view(1, 5), torch.tensor([2])
+    model, loss_fn, X, y = mlp_case("ce", (5, 4, 3), n=1)
     lr, lam, mu, wd = 0.3, 0.1, 0.9, 0.01
     reference = copy.deepcopy(model)
     optimizer = exact_kfac(model, loss_fn, lr=lr, damping=lam, momentum=mu, weight_decay=wd)
@@ -87,8 +77,7 @@ def test_momentum_and_weight_decay_over_two_steps() -> None:
 def test_kl_clipping_scales_the_step() -> None:
     """With clipping, the step is ``nu`` times the unclipped one, ``nu = sqrt(kappa / (lr^2
     <delta, g>))``."""
-    model = problems.mlp([5, 4, 3], seed=1)
-    loss_fn, X, y = nn.CrossEntropyLoss(), torch.linspace(-1, 1, 5).view(1, 5), torch.tensor([2])
+    model, loss_fn, X, y = mlp_case("ce", (5, 4, 3), n=1)
     lr, lam, kappa = 0.5, 0.1, 1e-4
     delta = dense_step(model, loss_fn, X, y, lam, blocks=True)
     g = curvature.flat_gradient(model, loss_fn, X, y)
