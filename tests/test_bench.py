@@ -108,9 +108,12 @@ def test_cli_refuses_a_missing_gpu(monkeypatch, capsys):
 @pytest.mark.parametrize("name", ["cnn", "transformer"])
 def test_architecture_benchmark_reports(name, tmp_path):
     sizes = {"cnn": {"channels": (2, 3)}, "transformer": {"context": 8, "width": 8, "layers": 1}}
+    threads = torch.get_num_threads()
     result = bench.architecture_benchmark(name, rounds=1, batch=4, device="cpu", **sizes[name])
     assert set(result.step_s) == {"expand", "reduce"} and result.sgd_s > 0
     report = result.report()
     assert "K-FAC-expand" in report and "K-FAC-reduce" in report and "x SGD" in report
+    assert result.environment["threads"] == 1 and result.environment["clock"].startswith("CPU")
+    assert "1 thread" in report and torch.get_num_threads() == threads
     timing.write_json(result, tmp_path / "bench.json")
     assert json.loads((tmp_path / "bench.json").read_text())["model"] == name
