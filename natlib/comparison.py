@@ -201,8 +201,8 @@ class Comparison:
         sizes = "-".join(map(str, self.sizes))
         network = f"tanh MLP {sizes}" if self.model == "mlp" else f"ReLU CNN, channels {sizes}"
         lines = [
-            f"digits classifier, {network}, {self.steps} steps "
-            f"of batch {self.batch_size} (L-BFGS: full batch), {self.seeds} seeds, "
+            f"digits classifier, {network}, {self.steps} steps of batch {self.batch_size}"
+            f"{' (L-BFGS: full batch)' if 'L-BFGS' in self.grids else ''}, {self.seeds} seeds, "
             f"target loss {self.target:g}",
             f"  {'method':16s} {'lr':>6s} {'interior':>9s} {'iterations':>11s} {'CPU s':>8s}",
         ]

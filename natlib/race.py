@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from natlib import language, timing
+from natlib import costmodel, language, timing
 from natlib.checks import NonFiniteError, check_positive, check_positive_int
+from natlib.kfac import KFACApproximation
 from natlib.optim import KFAC
 from natlib.problems import Problem
 
@@ -234,9 +235,11 @@ class Race:
         """25th, 50th and 75th percentiles over seeds at each evaluation, ``(3, evals)``."""
         return np.percentile(self.bits(method), [25, 50, 75], axis=0)
 
-    def step_seconds(self, method: str) -> float:
-        """Median over seeds of the CPU seconds per step over the whole race."""
-        return float(np.median(self.seconds(method)[:, -1] / self.steps(method)[:, -1]))
+    def step_seconds(self, method: str, tuning: bool = False) -> float:
+        """Median CPU seconds per step over the whole race, of the raced runs (over seeds) or
+        of the tuning runs (over the grid; ``tuning=True``)."""
+        curves = [c for c in (self.tuning if tuning else self.curves) if c.method == method]
+        return float(np.median([c.seconds[-1] / c.steps[-1] for c in curves]))
 
     def report(self) -> str:
         t = self.task
@@ -266,16 +269,17 @@ class Race:
 def run(
     task: Task = Task(),
     seeds: int = 3,
-    budget_s: float = 100.0,
-    tuning_s: float = 15.0,
-    evaluations: int = 10,
+    budget_s: float = 60.0,
+    tuning_s: float = 10.0,
+    evaluations: int = 8,
     grids: dict[str, Sequence[float]] | None = None,
     progress: bool = False,
 ) -> Race:
     """Tune every method of ``grids`` (default :data:`GRIDS`, over its :data:`KNOBS`) on a race
     of ``tuning_s`` CPU seconds from seed 0, then race SGD, AdamW and the better K-FAC
     approximation, each at its best value, for ``budget_s`` seconds from seeds
-    ``0 .. seeds - 1``; both races are evaluated ``evaluations`` times at equal intervals."""
+    ``0 .. seeds - 1``, evaluated ``evaluations`` times at equal intervals (the tuning race
+    twice)."""
     check_positive_int("seeds", seeds)
     check_positive_int("evaluations", evaluations)
     for name, value in (("budget_s", budget_s), ("tuning_s", tuning_s)):
@@ -283,17 +287,17 @@ def run(
     grids = {m: list(g) for m, g in (grids or GRIDS).items()}
     data = task.data()
 
-    def points(total: float) -> list[float]:
+    def points(total: float, evaluations: int = evaluations) -> list[float]:
         return [total * (j + 1) / evaluations for j in range(evaluations)]
 
     entries = [(m, lr, 0) for m in grids for lr in grids[m]]
-    tuning = race(task, entries, points(tuning_s), data, "tuning" if progress else None)
+    tuning = race(task, entries, points(tuning_s, 2), data, "tuning" if progress else None)
     record = Race(
         task=asdict(task),
         parameters=sum(p.numel() for p in task.model(0).parameters()),
         test_characters=data.y_test.numel(),
         seeds=seeds,
-        tuning_checkpoints=points(tuning_s),
+        tuning_checkpoints=points(tuning_s, 2),
         checkpoints=points(budget_s),
         knobs={m: KNOBS[m] for m in grids},
         grids=grids,
@@ -308,6 +312,25 @@ def run(
     entries = [(m, record.best(m), seed) for seed in range(seeds) for m in methods]
     curves = race(task, entries, points(budget_s), data, "race" if progress else None)
     return replace(record, methods=methods, curves=curves)
+
+
+def step_cost(
+    task: Task = Task(), approximation: str = "expand", T_inv: int = 10
+) -> costmodel.StepCost:
+    """Chapter 4's cost model of one K-FAC step on ``task`` (Monte-Carlo Fisher, factors every
+    step): :func:`natlib.costmodel.network_step_cost` with the layer shapes and the counts
+    (:attr:`natlib.kfac.KFACApproximation.flops`) of a K-FAC estimate on one batch of
+    random characters."""
+    model = task.model(0)
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randint(language.VOCABULARY_SIZE, (task.batch, task.context), generator=generator)
+    kfac = KFACApproximation.from_batch(
+        model, nn.CrossEntropyLoss(), X, X.flatten(), kind="mc", approximation=approximation,
+        unsupported="gradient", generator=generator,
+    )  # fmt: skip
+    flops = kfac.flops
+    layers = [(b.d_in, b.d_out, task.batch * kfac.positions[b.name]) for b in kfac.layers]
+    return costmodel.network_step_cost(layers, flops.update, flops.refresh, flops.solve, 1, T_inv)
 
 
 def write_record(record: Race, path: Path) -> None:

@@ -55,6 +55,7 @@ def test_a_race_tunes_chooses_and_races_every_seed(tmp_path) -> None:
         assert bits[:, 0] == pytest.approx(r.bits("SGD")[:, 0])  # a seed fixes the start
         assert (seconds[:, 1:] >= np.array(r.checkpoints)).all()  # every checkpoint reached
         assert r.quartiles(method).shape == (3, 3) and r.step_seconds(method) > 0
+        assert r.step_seconds(method, tuning=True) > 0
     assert r.environment["threads"] == 1 and "CPU time" in r.environment["clock"]
     assert "K-FAC" in r.report() and torch.get_num_threads() >= 1
     race.write_record(r, tmp_path / "race.json")
@@ -90,3 +91,15 @@ def test_bad_arguments() -> None:
         race.run(TINY, seeds=0)
     with pytest.raises(ValueError, match="budget_s"):
         race.run(TINY, budget_s=0.0)
+
+
+def test_step_cost_of_the_transformer() -> None:
+    """The cost model counts the linear layers at N T rows (expand) and the K-FAC extras."""
+    cost = race.step_cost(TINY, "expand", T_inv=10)
+    widths = TINY.width * TINY.width * 4 + 2 * 4 * TINY.width * TINY.width  # q k v o, MLP
+    head = TINY.width * 97
+    rows = TINY.batch * TINY.context
+    assert cost.forward_backward == 6 * rows * (widths + head)
+    assert cost.overhead > 1.0 and cost.refresh > 0
+    reduce = race.step_cost(TINY, "reduce", T_inv=10)
+    assert reduce.factors < cost.factors and reduce.forward_backward == cost.forward_backward
