@@ -286,9 +286,16 @@ def compare_cnn(**options: object) -> Comparison:
 
 
 def _network(model: Model, sizes: Sequence[int], seed: int, dtype: torch.dtype) -> nn.Module:
-    if model == "cnn":
+    """The MLP drawn in ``dtype``; the CNN drawn in float32 whatever torch's default (as the
+    command line draws it), then cast."""
+    if model == "mlp":
+        return problems.mlp(list(sizes), seed=seed, dtype=dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
         return problems.digits_cnn(tuple(sizes), seed=seed).to(dtype)
-    return problems.mlp(list(sizes), seed=seed, dtype=dtype)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def write_record(comparison: Comparison, path: Path) -> None:

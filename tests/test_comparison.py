@@ -55,15 +55,16 @@ def test_compare_optimizers_runs_every_setting_and_round_trips(tmp_path):
     assert comparison.read_record(tmp_path / "t.json") == c
 
 
-def test_runs_do_not_depend_on_the_default_dtype():
+@pytest.mark.parametrize(("model", "sizes"), [("mlp", (64, 3, 10)), ("cnn", (2, 3))])
+def test_runs_do_not_depend_on_the_default_dtype(model, sizes):
     previous = torch.get_default_dtype()
     try:
         results = []
         for default in (torch.float32, torch.float64):
             torch.set_default_dtype(default)
             c = comparison.compare_optimizers(
-                (64, 3, 10), steps=2, seeds=1, eval_every=1, methods=["K-FAC"],
-                grids={"K-FAC": (0.3,)},
+                sizes, steps=2, seeds=1, eval_every=1, methods=["K-FAC"],
+                grids={"K-FAC": (0.3,)}, model=model,
             )  # fmt: skip
             results.append(c.runs[0].losses)
     finally:
