@@ -75,13 +75,13 @@ GRIDS = {
     "Adam": (0.01, 0.03, 0.1),
     "L-BFGS": (0.3, 1.0, 3.0),
 }
-#: The digits CNN's methods and learning rates (chapter 3): four per method, about 3 apart.
+#: The digits CNN's methods and learning rates (chapter 3), four per method, about 3 apart.
 CNN_GRIDS = {
     "SGD": (0.01, 0.03, 0.1, 0.3),
     "Adam": (0.003, 0.01, 0.03, 0.1),
     "K-FAC": (0.003, 0.01, 0.03, 0.1),
 }
-#: The digits CNN's comparison (:func:`compare_cnn`): channels, budget and target loss.
+#: The channels, budget and target loss of the digits CNN's comparison (:func:`compare_cnn`).
 CNN_OPTIONS: dict[str, object] = dict(
     model="cnn", sizes=(8, 16), steps=200, target=0.01, eval_every=5, seeds=5
 )

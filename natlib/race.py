@@ -66,7 +66,7 @@ SETTINGS = {
     "K-FAC-expand": _KFAC,
     "K-FAC-reduce": _KFAC,
 }
-#: The hyper-parameter each method tunes: the learning rate, or K-FAC's damping.
+#: The hyper-parameter each method tunes, the learning rate or K-FAC's damping.
 KNOBS = {"SGD": "lr", "AdamW": "lr", "K-FAC-expand": "damping", "K-FAC-reduce": "damping"}
 #: Five values per method, about 3 apart.
 GRIDS = {
