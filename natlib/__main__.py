@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
             sweeps,
         )
 
+        if args.name == "training" and args.model == "transformer" and args.device == "cuda":
+            parser.error("training --model transformer races on the CPU clock; drop --device.")
         if args.name == "sweep":
             reported = sweeps.benchmark(args.problem, device=args.device)
             print(reported.report())
