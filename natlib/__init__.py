@@ -46,6 +46,7 @@ SUBMODULES = (
     "powerlaw",
     "preconditioned",
     "problems",
+    "race",
     "reference",
     "recording",
     "reparam",

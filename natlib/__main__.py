@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         "--model",
         choices=["mlp", "cnn", "transformer"],
         default="mlp",
-        help="kfac: the tanh MLP (default), the digits CNN or the character transformer",
+        help="kfac, training: the tanh MLP (default), the digits CNN or the character transformer",
     )
     bench.add_argument(
         "--threads",
@@ -91,8 +91,18 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--out: {reason}")
 
         from natlib import bench as benchmarks
-        from natlib import bench_distributed, comparison, feasibility, fidelity, scaling, sweeps
+        from natlib import (
+            bench_distributed,
+            comparison,
+            feasibility,
+            fidelity,
+            race,
+            scaling,
+            sweeps,
+        )
 
+        if args.name == "training" and args.model == "transformer" and args.device == "cuda":
+            parser.error("training --model transformer races on the CPU clock; drop --device.")
         if args.name == "sweep":
             reported = sweeps.benchmark(args.problem, device=args.device)
             print(reported.report())
@@ -110,7 +120,11 @@ def main(argv: list[str] | None = None) -> None:
             "approximations": lambda: fidelity.approximations_benchmark(device=args.device),
             "distributed": lambda: bench_distributed.benchmark(args.device),
             "newton": lambda: feasibility.measure(device=args.device or "cpu"),
-            "training": lambda: comparison.compare_optimizers(device=args.device or "cpu"),
+            "training": lambda: {
+                "mlp": lambda: comparison.compare_optimizers(device=args.device or "cpu"),
+                "cnn": lambda: comparison.compare_cnn(device=args.device or "cpu"),
+                "transformer": lambda: race.run(progress=True),
+            }[args.model](),
         }
         result = chosen[args.name]()
         print(result.report())

@@ -143,9 +143,9 @@ class KFACBenchmark:
     def report(self) -> str:
         lines = [
             f"K-FAC step / SGD step, tanh MLP {'-'.join(map(str, self.widths))}, batch "
-            f"{self.batch}, {self.dtype}, on {self.environment.get('device')} with "
-            f"{self.environment.get('threads')} thread(s), {self.environment.get('clock')}; "
-            f"medians of {self.rounds} interleaved rounds",
+            f"{self.batch}, {self.dtype}, on {self.environment.get('device')}, "
+            f"{_threads(self.environment)}, {self.environment.get('clock')}; medians of "
+            f"{self.rounds} interleaved rounds",
             f"  SGD (momentum 0.9)              {1e3 * self.sgd_s:7.1f} ms/step",
         ]
         for key, seconds in self.step_s.items():
@@ -284,7 +284,9 @@ class ArchitectureBenchmark:
         lines = [
             f"K-FAC step / SGD step, {self.model} ({self.parameters} parameters), batch "
             f"{self.batch} x {self.positions} positions, {self.dtype}, on "
-            f"{self.environment.get('device')}; medians of {self.rounds} interleaved rounds",
+            f"{self.environment.get('device')}, {_threads(self.environment)}, "
+            f"{self.environment.get('clock', 'wall clock')}; medians of {self.rounds} "
+            "interleaved rounds",
             f"  SGD (momentum 0.9)                  {1e3 * self.sgd_s:8.1f} ms/step",
         ]
         T_cov, T_inv = ARCHITECTURE_PERIODS
@@ -294,6 +296,11 @@ class ArchitectureBenchmark:
                 f"{1e3 * seconds:8.1f} ms/step {seconds / self.sgd_s:6.2f}x SGD"
             )
         return "\n".join(lines)
+
+
+def _threads(environment: dict[str, object]) -> str:
+    threads = environment.get("threads")
+    return f"{threads} thread{'' if threads == 1 else 's'}"
 
 
 def architecture_problem(
@@ -315,7 +322,6 @@ def architecture_problem(
     return model, X, y, data.loss_fn, context
 
 
-@runtime.threads(1)
 def architecture_benchmark(
     name: Architecture,
     rounds: int = 3,
@@ -326,8 +332,21 @@ def architecture_benchmark(
     """Time :class:`natlib.optim.KFAC` with K-FAC-expand and K-FAC-reduce against
     ``torch.optim.SGD`` on the CNN or the transformer of :func:`architecture_problem`
     (``unsupported="gradient"``: LayerNorm and Embedding take gradient steps), like
-    :func:`kfac_benchmark`: one model copy per configuration, interleaved rounds."""
+    :func:`kfac_benchmark`: one model copy per configuration, interleaved rounds.
+
+    On the CPU it times with one torch thread on the process's CPU seconds
+    (:func:`natlib.timing.cpu_clock`): with several threads on a loaded machine, wall-clock
+    step times swing by several times between rounds (a descheduled thread stalls a
+    parallel matrix product), enough to rank K-FAC's step below SGD's.
+    """
     device = timing.resolve_device(device)
+    with runtime.threads(1):
+        return _architecture_benchmark(name, rounds, batch, device, **model_options)
+
+
+def _architecture_benchmark(
+    name: Architecture, rounds: int, batch: int | None, device: torch.device, **model_options: int
+) -> ArchitectureBenchmark:
     batch = batch or ARCHITECTURE_BATCH[name]
     model, X, y, loss_fn, positions = architecture_problem(name, batch, device, **model_options)
     sgd = {"lr": 1e-3, "momentum": 0.9}
@@ -346,9 +365,8 @@ def architecture_benchmark(
             ),
             T_inv,
         )
-    step_s = timing.cycle_step_seconds(
-        model, loss_fn, X, y, makers, rounds, timing.cpu_clock(device)
-    )
+    clock = timing.cpu_clock(device)
+    step_s = timing.cycle_step_seconds(model, loss_fn, X, y, makers, rounds, clock)
     return ArchitectureBenchmark(
         model=name,
         parameters=sum(p.numel() for p in model.parameters()),
@@ -358,5 +376,6 @@ def architecture_benchmark(
         rounds=rounds,
         sgd_s=step_s.pop("sgd"),
         step_s=step_s,
-        environment=timing.environment(device),
+        environment=timing.environment(device)
+        | {"clock": "CPU time of the process" if clock else "wall clock"},
     )

@@ -21,6 +21,11 @@ FLOAT32_CONDITION_LIMIT = 1e6  # above it a float32 solve loses about 10 % of it
 _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
+class NonFiniteError(ValueError):
+    """A gradient, curvature or step holds NaN or Inf (:func:`check_finite`): in training, the
+    sign of a diverged run."""
+
+
 def is_finite(tensor: Tensor) -> bool:
     """Whether every entry of ``tensor`` is finite.
 
@@ -32,9 +37,10 @@ def is_finite(tensor: Tensor) -> bool:
 
 
 def check_finite(tensor: Tensor, what: str) -> None:
-    """Raise ``ValueError`` naming ``what`` if ``tensor`` holds NaN or Inf."""
+    """Raise :class:`NonFiniteError` (a ``ValueError``) naming ``what`` if ``tensor`` holds
+    NaN or Inf."""
     if not is_finite(tensor):
-        raise ValueError(f"{what} contains NaN or Inf.")
+        raise NonFiniteError(f"{what} contains NaN or Inf.")
 
 
 def _real(name: str, value: Any) -> float:

@@ -6,9 +6,10 @@ judged at its best setting by the median over seeds.
   fixed and stated (:data:`SETTINGS`);
 - :func:`train_lbfgs`: ``torch.optim.LBFGS`` on the full batch, one iteration per step;
 - :func:`compare_optimizers`: the grid of methods, learning rates and seeds on the digits
-  classifier, as a :class:`Comparison`, which picks each method's best learning rate, says
-  whether it is interior to the grid, and gives iterations and seconds to a target loss as
-  quartiles over seeds.
+  classifier (a tanh MLP, or the small CNN of :func:`natlib.problems.digits_cnn` with
+  :data:`CNN_GRIDS`, chapter 3), as a :class:`Comparison`, which picks each method's best
+  learning rate, says whether it is interior to the grid, and gives iterations and seconds to a
+  target loss as quartiles over seeds.
 
 Seconds are those of the optimiser (evaluations excluded) on ``time.process_time``: CPU
 seconds of the process, which other processes on a shared machine do not inflate.
@@ -22,15 +23,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from natlib import optim, problems
-from natlib.checks import check_positive_int
+from natlib.checks import check_choice, check_positive_int
 from natlib.optim import Trace
-from natlib.timing import environment
+from natlib.timing import environment, read_json
 
 Builder = Callable[[nn.Module, nn.Module, float, int], torch.optim.Optimizer]
 
@@ -43,6 +45,7 @@ SETTINGS = {
     "diagonal Fisher": "exact Fisher diagonal, damping 0.01, EMA 0.95",
     "Shampoo": "damping 1e-4 (root), T_inv = 10, EMA 0.99",
     "Adam": "beta = (0.9, 0.999), eps = 1e-8",
+    "SGD": "momentum 0.9",
     "L-BFGS": "full batch, history 10, strong Wolfe line search",
 }
 
@@ -55,6 +58,7 @@ METHODS: dict[str, Builder] = {
     "diagonal Fisher": lambda m, f, lr, s: optim.DiagonalNGD(m, f, lr=lr, damping=1e-2),
     "Shampoo": lambda m, f, lr, s: optim.Shampoo(m, f, lr=lr),
     "Adam": lambda m, f, lr, s: torch.optim.Adam(m.parameters(), lr=lr),
+    "SGD": lambda m, f, lr, s: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
     "L-BFGS": lambda m, f, lr, s: torch.optim.LBFGS(
         m.parameters(), lr=lr, max_iter=1, history_size=10, line_search_fn="strong_wolfe"
     ),
@@ -71,6 +75,20 @@ GRIDS = {
     "Adam": (0.01, 0.03, 0.1),
     "L-BFGS": (0.3, 1.0, 3.0),
 }
+#: The digits CNN's methods and learning rates (chapter 3), four per method, about 3 apart.
+CNN_GRIDS = {
+    "SGD": (0.01, 0.03, 0.1, 0.3),
+    "Adam": (0.003, 0.01, 0.03, 0.1),
+    "K-FAC": (0.003, 0.01, 0.03, 0.1),
+}
+#: The channels, budget and target loss of the digits CNN's comparison (:func:`compare_cnn`).
+CNN_OPTIONS: dict[str, object] = dict(
+    model="cnn", sizes=(8, 16), steps=200, target=0.01, eval_every=5, seeds=5
+)
+#: The models :func:`compare_optimizers` trains.
+Model = Literal["mlp", "cnn"]
+#: The schema name of :func:`write_record`'s records (records written before it have none).
+SCHEMA = "natlib.comparison/1"
 
 
 def train_lbfgs(
@@ -129,7 +147,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Runs of every method over its grid and seeds on one problem."""
+    """Runs of every method over its grid and seeds on one problem; ``sizes`` are the MLP's
+    layer widths, or the CNN's channels (``model``)."""
 
     problem: str
     sizes: tuple[int, ...]
@@ -142,6 +161,8 @@ class Comparison:
     settings: dict[str, str]
     runs: list[Run]
     environment: dict[str, object] = field(default_factory=dict)
+    model: Model = "mlp"
+    schema: str = SCHEMA
 
     def runs_of(self, method: str, lr: float) -> list[Run]:
         return [r for r in self.runs if r.method == method and r.lr == lr]
@@ -177,9 +198,11 @@ class Comparison:
     def report(self) -> str:
         """Each method's best learning rate and its median iterations and seconds to the
         target."""
+        sizes = "-".join(map(str, self.sizes))
+        network = f"tanh MLP {sizes}" if self.model == "mlp" else f"ReLU CNN, channels {sizes}"
         lines = [
-            f"digits classifier, tanh MLP {'-'.join(map(str, self.sizes))}, {self.steps} steps "
-            f"of batch {self.batch_size} (L-BFGS: full batch), {self.seeds} seeds, "
+            f"digits classifier, {network}, {self.steps} steps of batch {self.batch_size}"
+            f"{' (L-BFGS: full batch)' if 'L-BFGS' in self.grids else ''}, {self.seeds} seeds, "
             f"target loss {self.target:g}",
             f"  {'method':16s} {'lr':>6s} {'interior':>9s} {'iterations':>11s} {'CPU s':>8s}",
         ]
@@ -212,27 +235,30 @@ def compare_optimizers(
     grids: dict[str, Sequence[float]] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
+    model: Model = "mlp",
 ) -> Comparison:
-    """Train a tanh MLP with ``sizes`` (seeded by the run's seed) on the digits classifier with
-    every method of :data:`METHODS` (or ``methods``), at every learning rate of its grid and
-    seeds ``0 .. seeds - 1``: mini-batches of ``batch_size`` (L-BFGS: the full batch) for
-    ``steps`` steps, the full training loss every ``eval_every`` steps; in ``dtype`` whatever
-    torch's default."""
+    """Train a tanh MLP with ``sizes`` (``model="cnn"``: :func:`natlib.problems.digits_cnn`
+    with channels ``sizes``), seeded by the run's seed, on the digits classifier with every
+    method of ``grids`` (default :data:`GRIDS`) or of ``methods``, at every learning rate of
+    its grid and seeds ``0 .. seeds - 1``: mini-batches of ``batch_size`` (L-BFGS: the full
+    batch) for ``steps`` steps, the full training loss every ``eval_every`` steps; in ``dtype``
+    whatever torch's default."""
     check_positive_int("seeds", seeds)
+    check_choice("model", model, Model)
     data = problems.digits(dtype=dtype, device=device)
     grids = {m: list(g) for m, g in (grids or GRIDS).items()}
-    chosen = list(methods or METHODS)
+    chosen = list(methods or grids)
     runs = []
     for method in chosen:
         for lr in grids[method]:
             for seed in range(seeds):
-                model = problems.mlp(list(sizes), seed=seed, dtype=dtype).to(device)
-                optimizer = METHODS[method](model, data.loss_fn, lr, seed)
+                net = _network(model, sizes, seed, dtype).to(device)
+                optimizer = METHODS[method](net, data.loss_fn, lr, seed)
                 if method == "L-BFGS":
-                    trace = train_lbfgs(model, optimizer, data.loss_fn, data.X_train,
+                    trace = train_lbfgs(net, optimizer, data.loss_fn, data.X_train,
                                         data.y_train, steps, eval_every)  # fmt: skip
                 else:
-                    trace = optim.train(model, optimizer, data.loss_fn, data.X_train,
+                    trace = optim.train(net, optimizer, data.loss_fn, data.X_train,
                                         data.y_train, steps, batch_size, eval_every, seed,
                                         clock=time.process_time)  # fmt: skip
                 runs.append(Run(method, lr, seed, trace.steps, trace.losses, trace.seconds))
@@ -249,7 +275,27 @@ def compare_optimizers(
         runs=runs,
         environment=environment(torch.device(device))
         | {"clock": "CPU time of the process", "dtype": str(dtype).removeprefix("torch.")},
+        model=model,
     )
+
+
+def compare_cnn(**options: object) -> Comparison:
+    """:func:`compare_optimizers` on the digits CNN (chapter 3): :data:`CNN_OPTIONS` and
+    :data:`CNN_GRIDS`, which ``options`` override."""
+    return compare_optimizers(**(CNN_OPTIONS | {"grids": CNN_GRIDS} | options))
+
+
+def _network(model: Model, sizes: Sequence[int], seed: int, dtype: torch.dtype) -> nn.Module:
+    """The MLP drawn in ``dtype``; the CNN drawn in float32 whatever torch's default (as the
+    command line draws it), then cast."""
+    if model == "mlp":
+        return problems.mlp(list(sizes), seed=seed, dtype=dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return problems.digits_cnn(tuple(sizes), seed=seed).to(dtype)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def write_record(comparison: Comparison, path: Path) -> None:
@@ -260,8 +306,16 @@ def write_record(comparison: Comparison, path: Path) -> None:
 
 
 def read_record(path: Path) -> Comparison:
-    """A :class:`Comparison` from :func:`write_record`'s JSON."""
-    data = json.loads(Path(path).read_text())
-    data["runs"] = [Run(**run) for run in data["runs"]]
-    data["sizes"] = tuple(data["sizes"])
-    return Comparison(**data)
+    """A :class:`Comparison` from :func:`write_record`'s JSON (:data:`SCHEMA`, or none for
+    records written before it).
+
+    Raises:
+        ValueError: if the file holds another schema or misses or adds a field.
+    """
+    data = read_json(path, SCHEMA, legacy=True)
+    try:
+        data["runs"] = [Run(**run) for run in data["runs"]]
+        data["sizes"] = tuple(data["sizes"])
+        return Comparison(**data)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a complete {SCHEMA} record: {error!r}") from None

@@ -248,6 +248,34 @@ def step_cost(
     )
 
 
+def network_step_cost(
+    layers: Iterable[tuple[int, int, int]],
+    update: float,
+    refresh: float,
+    solve: float,
+    T_cov: int = 1,
+    T_inv: int = 1,
+) -> StepCost:
+    r"""One K-FAC step (one Monte-Carlo sample) of any network of linear layers, each given as
+    ``(d_in, d_out, rows)`` with ``rows`` the inputs it maps per step (:math:`BR` for a layer
+    shared over :math:`R` positions), and K-FAC's own counts per update, refresh and solve
+    (:attr:`natlib.kfac.KFACApproximation.flops`): forward and backward
+    :math:`\sum 6 M d_\text{in} d_\text{out}`, the sampled backward
+    :math:`\sum 2 M d_\text{in} d_\text{out}` and the factors every :math:`T_\text{cov}`, the
+    refresh every :math:`T_\text{inv}`. Work outside the linear layers (attention scores,
+    normalisation, embeddings) is not counted, for SGD nor for K-FAC."""
+    for name, value in (("T_cov", T_cov), ("T_inv", T_inv)):
+        check_positive_int(name, value)
+    layers = list(layers)
+    return StepCost(
+        forward_backward=sum(forward_backward_flops(i, o, m) for i, o, m in layers),
+        factors=update / T_cov,
+        sampled_backward=sum(cotangent_backward_flops(i, o, m, 1) for i, o, m in layers) / T_cov,
+        precondition=solve,
+        refresh=refresh / T_inv,
+    )
+
+
 # --------------------------------------------------------------------------- one factor's form
 
 FactorForm = Literal["full", "blocks", "diagonal", "identity"]

@@ -34,6 +34,24 @@ give two Kronecker approximations (``Approximation``):
 
 With :math:`R = 1` (``nn.Linear`` on ``(N, d_in)``) both are the plain K-FAC, computed as
 before from the same rows.
+
+**Caveat: the exact kind when later layers mix positions.** A model with a loss on every
+position (a language model's ``(N T, V)`` logits) has the GGN
+:math:`\sum_{n} \sum_{t} J_{nt}^\top B_{nt} B_{nt}^\top J_{nt}`, one term per output
+position :math:`t`. :meth:`Recorder.output_gradients` back-propagates each cotangent index
+:math:`k` for all output positions in one pass, so a layer's output gradient at position
+:math:`r` is :math:`g_{nrk} = \sum_t J_{nt,r}^\top b_{ntk}` and
+:math:`\sum_k g_{nrk} g_{nrk}^\top` holds the products
+:math:`J_{nt,r}^\top b_{ntk} b_{nt'k}^\top J_{nt',r}` of *different* output positions
+:math:`t \neq t'`, which the GGN does not have. They vanish when no later layer mixes positions
+(:math:`J_{nt,r} = 0` for :math:`t \neq r`: the expand setting above, where expand is exact), and
+in expectation for ``kind="mc"``, whose sampled cotangents are independent across positions.
+With attention and ``kind="exact"`` (:math:`b_{ntk}` the :math:`k`-th column of the loss
+Hessian's square root at :math:`t`: correlated across positions) they remain: the exact kind is
+then *not* the noise-free limit of the Monte-Carlo kind but a biased estimate of the
+expand or reduce factor. Independently of the kind, expand drops the products of different
+positions :math:`r \neq r'` of the layer itself, which the per-sequence weight gradient
+:math:`\sum_r g_{nrk} \bar a_{nr}^\top` has, and reduce keeps them only as products of sums.
 """
 
 from __future__ import annotations

@@ -154,8 +154,10 @@ class KFACApproximation(RunningCurvature):
 
         Args:
             kind: ``"exact"`` (the type-2 Fisher: exact output-space Fisher through the loss
-                Hessian's square root), ``"mc"`` (``mc_samples`` targets drawn from the model
-                per example, with ``generator``) or ``"empirical"`` (the data labels ``y``).
+                Hessian's square root; biased for weight-shared layers whose positions later
+                layers mix, see :mod:`natlib.factors`), ``"mc"`` (``mc_samples`` targets drawn
+                from the model per example, with ``generator``) or ``"empirical"`` (the data
+                labels ``y``).
             damping_mode: how :meth:`solve` damps, ``"exact"`` or factored ``"pi"``.
             approximation: for weight-shared layers, ``"expand"`` or ``"reduce"``.
             unsupported: ``"error"``, or ``"gradient"`` for identity blocks on the parameters of
@@ -234,10 +236,25 @@ class KFACApproximation(RunningCurvature):
             if not isinstance(block, LinearLayer):
                 blocks.append(torch.eye(block.numel, dtype=self.dtype, device=self.device))
                 continue
-            A, G = self.factors[block.name]
-            order = block.permutation(A.device)
-            blocks.append(torch.kron(G, A)[order][:, order])
+            blocks.append(self.kronecker_block(block))
         return torch.block_diag(*blocks)
+
+    def block_errors(self, matrix: Tensor) -> dict[str, float]:
+        r"""Per Kronecker layer, :math:`\lVert A \otimes G - M_{ll} \rVert_F / \lVert M_{ll}
+        \rVert_F` against the layer's diagonal block of a dense ``(P, P)`` ``matrix`` in
+        parameter order (the exact GGN or Fisher)."""
+        blocks = self.layout.block_diagonal_blocks(matrix)
+        return {
+            b.name: ((self.kronecker_block(b) - m).norm() / m.norm()).item()
+            for b, m in zip(self.layout.blocks, blocks)
+            if isinstance(b, LinearLayer)
+        }
+
+    def kronecker_block(self, layer: LinearLayer) -> Tensor:
+        r"""``layer``'s block :math:`A \otimes G`, in parameter order."""
+        A, G = self.factors[layer.name]
+        order = layer.permutation(A.device)
+        return torch.kron(G, A)[order][:, order]
 
     def solve(self, v: Tensor, damping: float) -> Tensor:
         r"""The damped inverse of the last :meth:`refresh` applied to a flat ``v``; refreshes

@@ -196,3 +196,31 @@ def transformer(
             if isinstance(module, nn.Linear):
                 module.bias.zero_()
     return model
+
+
+class PerPosition(nn.Module):
+    """A :class:`CharTransformer` with one example per sequence *and* output position: the
+    row ``(x_1, ..., x_T, t)`` gives the logits at position ``t`` of its sequence, ``(M, V)``.
+
+    The loss over the rows of :func:`per_position` is the language model's loss, term by
+    term, so :func:`natlib.curvature.ggn` of this module is the language model's exact GGN,
+    and K-FAC back-propagates each output position's cotangents on their own (the caveat in
+    :mod:`natlib.factors`). Each row runs its whole sequence: for tiny models only.
+    """
+
+    def __init__(self, model: CharTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, rows: Tensor) -> Tensor:
+        x, where = rows[:, :-1], rows[:, -1]
+        logits = self.model(x).view(len(rows), x.shape[1], -1)
+        return logits[torch.arange(len(rows), device=rows.device), where]
+
+
+def per_position(X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows and targets of :class:`PerPosition` for windows ``X`` and next characters
+    ``y`` (both ``(N, T)``): ``N T`` rows, sequence-major, like the flattened targets."""
+    n, t = X.shape
+    where = torch.arange(t, device=X.device).repeat(n)
+    return torch.cat([X.repeat_interleave(t, 0), where[:, None]], 1), y.flatten()

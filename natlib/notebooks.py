@@ -16,7 +16,8 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 DATA = BOOK / "data"  # recorded runs, JSON written by ``python -m natlib bench ...``
 
 _RECORD_NAME = re.compile(
-    r"(?P<kind>kfac_benchmark_|scaling-|distributed-|newton-|approximations-|training-|"
+    r"(?P<kind>kfac_benchmark_|scaling-|distributed-|newton-|approximations-|"
+    r"training-(?:(?P<model>cnn|transformer)-)?|"
     r"sweep-(?P<problem>kfac-ngd|autoencoder)-)(?P<device>cpu|cuda)\.json"
 )
 
@@ -31,8 +32,9 @@ def record_command(name: str) -> str:
 
     Known records are ``kfac_benchmark_<device>.json``, ``scaling-<device>.json``,
     ``distributed-<device>.json``, ``newton-<device>.json``, ``approximations-<device>.json``,
-    ``training-<device>.json`` and ``sweep-<problem>-<device>.json`` (``<problem>``
-    ``kfac-ngd`` or ``autoencoder``) with ``<device>`` ``cpu`` or ``cuda``.
+    ``training-<device>.json``, ``training-<model>-<device>.json`` (``<model>`` ``cnn`` or
+    ``transformer``) and ``sweep-<problem>-<device>.json`` (``<problem>`` ``kfac-ngd`` or
+    ``autoencoder``) with ``<device>`` ``cpu`` or ``cuda``.
 
     Raises:
         ValueError: ``name`` is not one of them.
@@ -42,13 +44,19 @@ def record_command(name: str) -> str:
         raise ValueError(
             f"{name!r} is not a recorded run; known names are kfac_benchmark_<device>.json, "
             "scaling-<device>.json, distributed-<device>.json, newton-<device>.json, "
-            "approximations-<device>.json, training-<device>.json and "
+            "approximations-<device>.json, training-<device>.json, "
+            "training-<cnn|transformer>-<device>.json and "
             "sweep-<kfac-ngd|autoencoder>-<device>.json with <device> cpu or cuda."
         )
     out = f"book/data/{name}"
     if match["problem"]:
         return (
             f"python -m natlib bench sweep --problem {match['problem']} "
+            f"--device {match['device']} --out {out}"
+        )
+    if match["model"]:
+        return (
+            f"python -m natlib bench training --model {match['model']} "
             f"--device {match['device']} --out {out}"
         )
     if match["kind"] in ("scaling-", "distributed-", "newton-", "approximations-", "training-"):

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from natlib import hooks
 from natlib.checks import (
+    NonFiniteError,
     check_finite,
     check_integer,
     check_non_negative,
@@ -308,7 +309,8 @@ def train(
     """Train with mini-batches (reshuffled every epoch; ``None``: full batch) and record the
     full training loss every ``eval_every`` steps, and the optimiser's seconds on ``clock``
     (``time.process_time``: CPU seconds, which other processes do not inflate). Stops early
-    when the loss is not finite.
+    when the loss is not finite, or when a step raises
+    :class:`~natlib.checks.NonFiniteError` (recorded as an infinite loss after it).
 
     Raises:
         ValueError: if ``steps`` is negative, ``batch_size`` (when given) or ``eval_every`` is
@@ -344,9 +346,15 @@ def train(
             order = torch.cat([order, torch.randperm(n, generator=generator)])
         index, order = order[:batch_size].to(X.device), order[batch_size:]
         start = clock()
-        optimizer.zero_grad()
-        loss_fn(model(X[index]), y[index]).backward()
-        optimizer.step()
+        try:
+            optimizer.zero_grad()
+            loss_fn(model(X[index]), y[index]).backward()
+            optimizer.step()
+        except NonFiniteError:  # a natlib optimiser met NaN or Inf: the run diverged
+            trace.steps.append(k + 1)
+            trace.losses.append(math.inf)
+            trace.seconds.append(elapsed + clock() - start)
+            break
         if X.is_cuda:
             torch.cuda.synchronize(X.device)
         elapsed += clock() - start

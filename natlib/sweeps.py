@@ -295,9 +295,7 @@ def read_record(path: Path) -> SweepRecord:
     Raises:
         ValueError: if the file is not a sweep record of this schema or misses a field.
     """
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not a {SCHEMA} record (schema {data.get('schema')!r}).")
+    data = timing.read_json(path, SCHEMA)
     try:
         return SweepRecord(**data)
     except TypeError as error:

@@ -137,6 +137,20 @@ def environment(device: torch.device) -> dict[str, object]:
     }
 
 
+def read_json(path: Path, schema: str, legacy: bool = False) -> dict[str, Any]:
+    """The JSON object of a record file whose ``"schema"`` field is ``schema``; ``legacy``
+    also accepts a record without the field (written before it existed).
+
+    Raises:
+        ValueError: if the file is not a JSON object or holds another schema.
+    """
+    data = json.loads(Path(path).read_text())
+    found = data.get("schema") if isinstance(data, dict) else None
+    if found != schema and not (legacy and isinstance(data, dict) and "schema" not in data):
+        raise ValueError(f"{path} is not a {schema} record (schema {found!r}).")
+    return data
+
+
 def write_json(record: object, path: Path) -> None:
     """Write a record dataclass as JSON, creating the folder (``book/data/`` holds recorded
     runs)."""
@@ -210,7 +224,7 @@ def cycle_step_seconds(
 ) -> dict[str, float]:
     """Seconds per step of each ``(make optimiser, steps per cycle)``, each on its own copy of
     ``model``: a warm-up cycle, then medians of ``rounds`` interleaved rounds of one cycle, on
-    ``clock`` (:func:`median_seconds`)."""
+    ``clock`` (:func:`median_seconds`; :func:`cpu_clock` for CPU seconds)."""
     cycles = {}
     for key, (make, steps) in makers.items():
         net = copy.deepcopy(model)

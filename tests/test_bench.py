@@ -61,7 +61,7 @@ def test_kfac_benchmark_reports_every_configuration():
     assert report.count("target <=") == len(bench.KFAC_SETTINGS)  # verdicts for MC only
     assert result.environment["threads"] == 1 and torch.get_num_threads() == threads_before
     assert result.environment["clock"] == "CPU time of the process"
-    assert "with 1 thread(s), CPU time of the process" in report
+    assert "1 thread, CPU time of the process" in report
 
 
 def test_kfac_benchmark_on_two_threads_reads_the_wall_clock():
@@ -116,9 +116,12 @@ def test_cli_refuses_a_missing_gpu(monkeypatch, capsys):
 @pytest.mark.parametrize("name", ["cnn", "transformer"])
 def test_architecture_benchmark_reports(name, tmp_path):
     sizes = {"cnn": {"channels": (2, 3)}, "transformer": {"context": 8, "width": 8, "layers": 1}}
+    threads = torch.get_num_threads()
     result = bench.architecture_benchmark(name, rounds=1, batch=4, device="cpu", **sizes[name])
     assert set(result.step_s) == {"expand", "reduce"} and result.sgd_s > 0
     report = result.report()
     assert "K-FAC-expand" in report and "K-FAC-reduce" in report and "x SGD" in report
+    assert result.environment["threads"] == 1 and result.environment["clock"].startswith("CPU")
+    assert "1 thread" in report and torch.get_num_threads() == threads
     timing.write_json(result, tmp_path / "bench.json")
     assert json.loads((tmp_path / "bench.json").read_text())["model"] == name

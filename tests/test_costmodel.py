@@ -149,3 +149,14 @@ def test_kfac_memory_is_the_layer_memory(mode):
     assert kfac.memory_bytes == sum(m.factors for m in layers)
     kfac.refresh(1e-3)
     assert kfac.memory_bytes == sum(m.factors + m.inverses for m in layers)
+
+
+def test_network_step_cost_is_step_cost_for_square_layers() -> None:
+    """Given K-FAC's own counts of a square MLP, the network model is chapter 4's step cost."""
+    d, B, L, T_cov, T_inv = 64, 32, 3, 2, 5
+    refresh, solve = costmodel.kronecker_layers_flops([(d, d)] * L, "pi")
+    update = L * costmodel.kronecker_factor_flops(d, d, B, 1)
+    network = costmodel.network_step_cost([(d, d, B)] * L, update, refresh, solve, T_cov, T_inv)
+    assert network == costmodel.step_cost(d, B, L, T_cov, T_inv)
+    with pytest.raises(ValueError, match="T_inv"):
+        costmodel.network_step_cost([(d, d, B)], update, refresh, solve, T_inv=0)

@@ -171,3 +171,42 @@ def test_unknown_approximation() -> None:
         KFACApproximation.from_batch(
             expand_net(), nn.MSELoss(), sequences(), approximation="average"
         )
+
+
+def test_exact_kind_is_biased_when_attention_mixes_positions() -> None:
+    """The caveat in natlib.factors: on a tiny transformer (float64), K-FAC with kind="exact"
+    back-propagates every output position's cotangents together, so the layers whose positions
+    attention mixes later (keys and values) get cross-position products; one example per
+    (sequence, position) (natlib.language.PerPosition) removes them, and the Monte-Carlo
+    kind, averaged over many samples, converges to that and not to the exact kind. Layers that
+    nothing mixes afterwards (queries, output projection, MLP, head) are unaffected under
+    expand."""
+    from natlib import language
+
+    data = language.stdlib_chars(context=6, train_chars=1_000, test_chars=10)
+    X, y = data.X_train[:3], data.y_train[:3]
+    model = language.transformer(context=6, width=4, layers=1, heads=2, seed=0).double()
+    wrapped = language.PerPosition(model)
+    rows, targets = language.per_position(X, y)
+    loss_fn = data.loss_fn
+    assert_close(wrapped(rows), model(X))
+    ggn = curvature.ggn(wrapped, loss_fn, rows, targets)
+    options = dict(approximation="expand", unsupported="gradient")
+    together = KFACApproximation.from_batch(model, loss_fn, X, y.flatten(), **options)
+    apart = KFACApproximation.from_batch(wrapped, loss_fn, rows, targets, **options)
+    sampled = KFACApproximation.from_batch(
+        model, loss_fn, X, y.flatten(), kind="mc", mc_samples=4000,
+        generator=torch.Generator().manual_seed(0), **options,
+    )  # fmt: skip
+    name = "blocks.0.attention.{}".format
+    for layer in ("key", "value"):
+        _, G_together = together.factors[name(layer)]
+        _, G_apart = apart.factors["model." + name(layer)]
+        _, G_sampled = sampled.factors[name(layer)]
+        assert (G_together - G_apart).norm() > 0.1 * G_apart.norm()
+        assert (G_sampled - G_apart).norm() < 0.1 * G_apart.norm()
+    for layer in ("blocks.0.attention.query", "blocks.0.mlp.2", "head"):
+        assert_close(together.factors[layer][1], apart.factors["model." + layer][1])
+    errors = together.block_errors(ggn)
+    assert set(errors) == {layer.name for layer in together.layers}
+    assert errors["head"] == pytest.approx(apart.block_errors(ggn)["model.head"], rel=1e-9)

@@ -166,8 +166,17 @@ def test_record_command_for_each_kind_of_record():
     assert record_command("approximations-cpu.json") == (
         "python -m natlib bench approximations --device cpu --out book/data/approximations-cpu.json"
     )
+    assert record_command("training-cpu.json") == (
+        "python -m natlib bench training --device cpu --out book/data/training-cpu.json"
+    )
+    assert record_command("training-transformer-cpu.json") == (
+        "python -m natlib bench training --model transformer --device cpu "
+        "--out book/data/training-transformer-cpu.json"
+    )
     with pytest.raises(ValueError, match="not a recorded run"):
         record_command("../scaling-cpu.json")
+    with pytest.raises(ValueError, match="not a recorded run"):
+        record_command("training-mlp-cpu.json")
 
 
 @pytest.mark.parametrize(

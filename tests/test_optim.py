@@ -1,6 +1,7 @@
 """natlib.optim: K-FAC and dense NGD steps against dense natural-gradient steps."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -273,6 +274,32 @@ def test_train_stops_when_the_loss_diverges() -> None:
     X, y = torch.randn(8, 3), torch.randn(8, 2)
     trace = train(model, torch.optim.SGD(model.parameters(), lr=1e6), nn.MSELoss(), X, y, 50, 4)
     assert len(trace.steps) < 6 and not torch.isfinite(torch.tensor(trace.losses[-1]))
+
+
+def test_train_records_a_step_that_meets_nan_as_divergence() -> None:
+    """A natlib optimiser raises NonFiniteError on NaN or Inf; train ends the run there with
+    an infinite loss, while other errors still propagate."""
+    from natlib.checks import NonFiniteError
+
+    class Failing(torch.optim.SGD):
+        def __init__(self, params, error: Exception) -> None:
+            super().__init__(params, lr=0.1)
+            self.error, self.calls = error, 0
+
+        def step(self, closure=None):
+            self.calls += 1
+            if self.calls == 3:
+                raise self.error
+            return super().step(closure)
+
+    model = problems.mlp([3, 2], seed=0)
+    X, y = torch.randn(8, 3), torch.randn(8, 2)
+    failing = Failing(model.parameters(), NonFiniteError("the gradient contains NaN or Inf."))
+    trace = train(model, failing, nn.MSELoss(), X, y, 10, 4, eval_every=1)
+    assert trace.steps == [0, 1, 2, 3] and trace.losses[-1] == float("inf")
+    assert all(math.isfinite(loss) for loss in trace.losses[:-1])
+    with pytest.raises(ValueError, match="shape"):
+        train(model, Failing(model.parameters(), ValueError("shape")), nn.MSELoss(), X, y, 5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -4,7 +4,7 @@ DESIGN.md, low to high: runtime, checks, hooks, losses -> layout, linalg, costmo
 coordinates -> problems, language, curvature, factors, interface, recording -> kfac, exact,
 reference, gradient, lbfgs, preconditioned -> newton, approximations, adam, shampoo, ekfac,
 reparam, ... -> optim, hessianfree, invariance -> timing, distributed -> bench,
-bench_distributed, scaling, sweeps, fidelity, comparison -> ``__main__`` (launch is layer 0).
+bench_distributed, scaling, sweeps, fidelity, comparison, race -> ``__main__`` (launch is layer 0).
 No module imports a layer above its own or the package root's re-exports, and none is longer
 than ``MAX_LINES``.
 """
@@ -69,6 +69,7 @@ LAYERS = {
     "sweeps": 7,
     "fidelity": 7,
     "comparison": 7,
+    "race": 7,
     "__main__": 8,
 }
 
