@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     bench.add_argument(
         "--problem",
-        choices=["kfac-ngd", "autoencoder"],
-        default="kfac-ngd",
-        help="sweep: K-FAC against exact NGD, or K-FAC, SGD and Adam on the autoencoder",
+        choices=["kfac-ngd", "autoencoder", "digits"],
+        help="sweep: kfac-ngd (default, K-FAC against exact NGD) or autoencoder (K-FAC, SGD "
+        "and Adam); training: digits (default, the classifier) or autoencoder",
     )
     bench.add_argument(
         "--model",
@@ -84,8 +84,15 @@ def main(argv: list[str] | None = None) -> None:
         from natlib import bench as benchmarks
         from natlib import bench_distributed, comparison, feasibility, fidelity, scaling, sweeps
 
+        problem = args.problem or {"sweep": "kfac-ngd", "training": "digits"}.get(args.name)
+        allowed = {"sweep": sweeps.PROBLEMS, "training": comparison.TASKS}.get(args.name)
+        if args.problem and (allowed is None or args.problem not in allowed):
+            parser.error(
+                f"--problem {args.problem} does not apply to bench {args.name}"
+                + (f"; use one of {', '.join(allowed)}." if allowed else ".")
+            )
         if args.name == "sweep":
-            reported = sweeps.benchmark(args.problem, device=args.device)
+            reported = sweeps.benchmark(problem, device=args.device)
             print(reported.report())
             if args.json:
                 sweeps.write_record(reported.record, args.json)
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             "approximations": lambda: fidelity.approximations_benchmark(device=args.device),
             "distributed": lambda: bench_distributed.benchmark(args.device),
             "newton": lambda: feasibility.measure(device=args.device or "cpu"),
-            "training": lambda: comparison.compare_optimizers(device=args.device or "cpu"),
+            "training": lambda: comparison.compare_optimizers(problem, device=args.device or "cpu"),
         }
         result = chosen[args.name]()
         print(result.report())

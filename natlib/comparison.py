@@ -3,12 +3,14 @@ of learning rates on its own grid, every setting runs on the same seeds, and eac
 judged at its best setting by the median over seeds.
 
 - :data:`METHODS`: how each method is built, with every hyper-parameter but the learning rate
-  fixed and stated (:data:`SETTINGS`);
+  fixed and stated (:func:`settings`);
+- :data:`TASKS`: the problems compared (the digits classifier, the digits autoencoder), each
+  with its network, budget, target loss and grids;
 - :func:`train_lbfgs`: ``torch.optim.LBFGS`` on the full batch, one iteration per step;
-- :func:`compare_optimizers`: the grid of methods, learning rates and seeds on the digits
-  classifier, as a :class:`Comparison`, which picks each method's best learning rate, says
-  whether it is interior to the grid, and gives iterations and seconds to a target loss as
-  quartiles over seeds.
+- :func:`compare_optimizers`: the grid of methods, learning rates and seeds on one task, as a
+  :class:`Comparison`, which picks each method's best learning rate, says whether it is
+  interior to the grid, and gives iterations and seconds to a target loss as quartiles over
+  seeds. ``python -m natlib bench training [--problem autoencoder]`` records it.
 
 Seconds are those of the optimiser (evaluations excluded) on ``time.process_time``: CPU
 seconds of the process, which other processes on a shared machine do not inflate.
@@ -20,7 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,48 +31,128 @@ from torch import Tensor, nn
 
 from natlib import optim, problems
 from natlib.checks import check_positive_int
+from natlib.exact import DENSE_LIMIT
+from natlib.linalg import CG_TOLERANCE
+from natlib.losses import FisherKind
 from natlib.optim import Trace
 from natlib.timing import environment
 
-Builder = Callable[[nn.Module, nn.Module, float, int], torch.optim.Optimizer]
+#: The schema name written into every comparison record.
+SCHEMA = "natlib.comparison/1"
 
-#: Every hyper-parameter but the learning rate, as the book states them.
+Builder = Callable[[nn.Module, nn.Module, float, int, FisherKind], torch.optim.Optimizer]
+
+_FISHER = {"exact": "exact Fisher", "mc": "Monte-Carlo Fisher (one sampled label per example)"}
+
+#: Every hyper-parameter but the learning rate, as the book states them (``{fisher}``: the
+#: Fisher the task uses, :data:`_FISHER`).
 SETTINGS = {
-    "exact NGD": "dense exact Fisher of each batch, damping 0.01",
-    "K-FAC": "exact Fisher, damping 0.01 (pi), T_inv = 10, EMA 0.95",
-    "EK-FAC": "exact Fisher, damping 0.01, T_inv = 10, EMA 0.95",
-    "block-diagonal": "exact Fisher blocks of each batch, damping 0.01",
-    "diagonal Fisher": "exact Fisher diagonal, damping 0.01, EMA 0.95",
+    "exact NGD": "{fisher} of each batch, damping 0.01; dense Cholesky up to "
+    f"{DENSE_LIMIT:,} parameters, conjugate gradients to relative residual "
+    f"{CG_TOLERANCE[torch.float64]:g} beyond",
+    "K-FAC": "{fisher}, damping 0.01 (pi), T_inv = 10, EMA 0.95",
+    "EK-FAC": "{fisher}, damping 0.01, T_inv = 10, EMA 0.95",
+    "block-diagonal": "{fisher} blocks of each batch, damping 0.01",
+    "diagonal Fisher": "{fisher} diagonal, damping 0.01, EMA 0.95",
     "Shampoo": "damping 1e-4 (root), T_inv = 10, EMA 0.99",
     "Adam": "beta = (0.9, 0.999), eps = 1e-8",
     "L-BFGS": "full batch, history 10, strong Wolfe line search",
 }
 
-#: How each method of :data:`SETTINGS` is built for a model, loss, learning rate and seed.
+#: How each method of :data:`SETTINGS` is built for a model, loss, learning rate, seed and
+#: Fisher kind (Shampoo, Adam and L-BFGS use the loop's gradient whatever the kind).
 METHODS: dict[str, Builder] = {
-    "exact NGD": lambda m, f, lr, s: optim.NGD(m, f, lr=lr, damping=1e-2),
-    "K-FAC": lambda m, f, lr, s: optim.KFAC(m, f, lr=lr, damping=1e-2, seed=s),
-    "EK-FAC": lambda m, f, lr, s: optim.EKFAC(m, f, lr=lr, damping=1e-2, seed=s),
-    "block-diagonal": lambda m, f, lr, s: optim.BlockDiagonalNGD(m, f, lr=lr, damping=1e-2),
-    "diagonal Fisher": lambda m, f, lr, s: optim.DiagonalNGD(m, f, lr=lr, damping=1e-2),
-    "Shampoo": lambda m, f, lr, s: optim.Shampoo(m, f, lr=lr),
-    "Adam": lambda m, f, lr, s: torch.optim.Adam(m.parameters(), lr=lr),
-    "L-BFGS": lambda m, f, lr, s: torch.optim.LBFGS(
+    "exact NGD": lambda m, f, lr, s, k: optim.NGD(m, f, lr=lr, damping=1e-2, kind=k, seed=s),
+    "K-FAC": lambda m, f, lr, s, k: optim.KFAC(m, f, lr=lr, damping=1e-2, kind=k, seed=s),
+    "EK-FAC": lambda m, f, lr, s, k: optim.EKFAC(m, f, lr=lr, damping=1e-2, kind=k, seed=s),
+    "block-diagonal": lambda m, f, lr, s, k: optim.BlockDiagonalNGD(
+        m, f, lr=lr, damping=1e-2, kind=k, seed=s
+    ),
+    "diagonal Fisher": lambda m, f, lr, s, k: optim.DiagonalNGD(
+        m, f, lr=lr, damping=1e-2, kind=k, seed=s
+    ),
+    "Shampoo": lambda m, f, lr, s, k: optim.Shampoo(m, f, lr=lr),
+    "Adam": lambda m, f, lr, s, k: torch.optim.Adam(m.parameters(), lr=lr),
+    "L-BFGS": lambda m, f, lr, s, k: torch.optim.LBFGS(
         m.parameters(), lr=lr, max_iter=1, history_size=10, line_search_fn="strong_wolfe"
     ),
 }
 
-#: Learning rates, three per method, a factor of about 3 apart.
-GRIDS = {
-    "exact NGD": (0.1, 0.3, 1.0),
-    "K-FAC": (0.1, 0.3, 1.0),
-    "EK-FAC": (0.1, 0.3, 1.0),
-    "block-diagonal": (0.1, 0.3, 1.0),
-    "diagonal Fisher": (0.03, 0.1, 0.3),
-    "Shampoo": (0.01, 0.03, 0.1),
-    "Adam": (0.01, 0.03, 0.1),
-    "L-BFGS": (0.3, 1.0, 3.0),
+
+@dataclass(frozen=True)
+class Task:
+    """One problem of the comparison: the data (a function of :mod:`natlib.problems`), the
+    tanh MLP, the budget, the target loss, five learning rates per method, the Fisher each
+    Fisher-based method estimates (``kinds``, default exact), the methods left out, with the
+    reason, and whether a run stops at its first evaluation at or below the target (it
+    saves the time of runs that have answered the question)."""
+
+    title: str
+    data: str
+    sizes: tuple[int, ...]
+    steps: int
+    batch_size: int
+    eval_every: int
+    target: float
+    grids: dict[str, tuple[float, ...]]
+    kinds: dict[str, FisherKind] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
+    stop_at_target: bool = False
+
+
+#: The compared problems, by the name ``--problem`` takes.
+TASKS: dict[str, Task] = {
+    "digits": Task(
+        title="digits classifier",
+        data="digits",
+        sizes=(64, 16, 10),
+        steps=60,
+        batch_size=128,
+        eval_every=2,
+        target=0.1,
+        grids={
+            "exact NGD": (0.03, 0.1, 0.3, 1.0, 3.0),
+            "K-FAC": (0.03, 0.1, 0.3, 1.0, 3.0),
+            "EK-FAC": (0.01, 0.03, 0.1, 0.3, 1.0),
+            "block-diagonal": (0.03, 0.1, 0.3, 1.0, 3.0),
+            "diagonal Fisher": (0.01, 0.03, 0.1, 0.3, 1.0),
+            "Shampoo": (0.01, 0.03, 0.1, 0.3, 1.0),
+            "Adam": (0.003, 0.01, 0.03, 0.1, 0.3),
+            "L-BFGS": (0.03, 0.1, 0.3, 1.0, 3.0),
+        },
+    ),
+    "autoencoder": Task(
+        title="digits autoencoder",
+        data="digits_autoencoder",
+        sizes=(64, 32, 16, 8, 16, 32, 64),
+        steps=400,
+        batch_size=128,
+        eval_every=5,
+        target=0.35,
+        grids={
+            "exact NGD": (0.1, 0.3, 1.0, 3.0, 10.0),
+            "K-FAC": (0.03, 0.1, 0.3, 1.0, 3.0),
+            "EK-FAC": (0.03, 0.1, 0.3, 1.0, 3.0),
+            "diagonal Fisher": (0.01, 0.03, 0.1, 0.3, 1.0),
+            "Shampoo": (0.003, 0.01, 0.03, 0.1, 0.3),
+            "Adam": (0.003, 0.01, 0.03, 0.1, 0.3),
+            "L-BFGS": (0.003, 0.01, 0.03, 0.1, 0.3),
+        },
+        kinds={"diagonal Fisher": "mc"},
+        left_out={
+            "block-diagonal": "forming and factorising its exact layer blocks (up to 2,112 x "
+            "2,112) takes about 4 s per step on one thread (1 s with a sampled Fisher): hours "
+            "for its grid",
+        },
+        stop_at_target=True,
+    ),
 }
+GRIDS = {method: TASKS["digits"].grids[method] for method in METHODS}
+
+
+def settings(method: str, kind: FisherKind = "exact") -> str:
+    """Every hyper-parameter of ``method`` but the learning rate, for the Fisher ``kind``."""
+    return SETTINGS[method].format(fisher=_FISHER[kind])
 
 
 def train_lbfgs(
@@ -82,10 +164,11 @@ def train_lbfgs(
     steps: int,
     eval_every: int = 10,
     clock: Callable[[], float] = time.process_time,
+    target: float | None = None,
 ) -> Trace:
     """``steps`` iterations of ``torch.optim.LBFGS`` (build it with ``max_iter=1``) on the full
     batch, recorded as :func:`natlib.preconditioned.train` records a run. Stops at a non-finite
-    loss."""
+    loss, or at the first evaluation at most ``target`` (if given)."""
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -95,14 +178,10 @@ def train_lbfgs(
 
     trace, elapsed = Trace([], [], []), 0.0
     for k in range(steps + 1):
-        if k % eval_every == 0 or k == steps:
-            with torch.no_grad():
-                loss = loss_fn(model(X), y).item()
-            trace.steps.append(k)
-            trace.losses.append(loss)
-            trace.seconds.append(elapsed)
-            if not math.isfinite(loss):
-                break
+        if (k % eval_every == 0 or k == steps) and trace.evaluate(
+            model, loss_fn, X, y, k, elapsed, target
+        ):
+            break
         if k == steps:
             break
         start = clock()
@@ -129,7 +208,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Runs of every method over its grid and seeds on one problem."""
+    """Runs of every method over its grid and seeds on one task of :data:`TASKS` (``problem``
+    names it); ``left_out`` gives each method not run and why."""
 
     problem: str
     sizes: tuple[int, ...]
@@ -142,6 +222,9 @@ class Comparison:
     settings: dict[str, str]
     runs: list[Run]
     environment: dict[str, object] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
+    stop_at_target: bool = False
+    schema: str = SCHEMA
 
     def runs_of(self, method: str, lr: float) -> list[Run]:
         return [r for r in self.runs if r.method == method and r.lr == lr]
@@ -178,9 +261,9 @@ class Comparison:
         """Each method's best learning rate and its median iterations and seconds to the
         target."""
         lines = [
-            f"digits classifier, tanh MLP {'-'.join(map(str, self.sizes))}, {self.steps} steps "
-            f"of batch {self.batch_size} (L-BFGS: full batch), {self.seeds} seeds, "
-            f"target loss {self.target:g}",
+            f"{TASKS[self.problem].title}, tanh MLP {'-'.join(map(str, self.sizes))}, "
+            f"{self.steps} steps of batch {self.batch_size} (L-BFGS: full batch), "
+            f"{self.seeds} seeds, target loss {self.target:g}",
             f"  {'method':16s} {'lr':>6s} {'interior':>9s} {'iterations':>11s} {'CPU s':>8s}",
         ]
         for method in self.grids:
@@ -191,6 +274,7 @@ class Comparison:
                 f"  {method:16s} {lr:6g} {str(self.interior(method)):>9s} "
                 f"{iterations:11.0f} {seconds:8.2f}"
             )
+        lines += [f"  left out: {method}: {why}" for method, why in self.left_out.items()]
         return "\n".join(lines)
 
     def quartiles(self, values: Sequence[float]) -> tuple[float, float, float]:
@@ -202,53 +286,70 @@ class Comparison:
 
 
 def compare_optimizers(
-    sizes: Sequence[int] = (64, 16, 10),
-    steps: int = 60,
+    problem: str = "digits",
+    *,
     seeds: int = 5,
-    target: float = 0.1,
-    batch_size: int = 128,
-    eval_every: int = 2,
+    steps: int | None = None,
     methods: Sequence[str] | None = None,
     grids: dict[str, Sequence[float]] | None = None,
+    sizes: Sequence[int] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
 ) -> Comparison:
-    """Train a tanh MLP with ``sizes`` (seeded by the run's seed) on the digits classifier with
-    every method of :data:`METHODS` (or ``methods``), at every learning rate of its grid and
-    seeds ``0 .. seeds - 1``: mini-batches of ``batch_size`` (L-BFGS: the full batch) for
-    ``steps`` steps, the full training loss every ``eval_every`` steps; in ``dtype`` whatever
-    torch's default."""
+    """Train the task ``problem`` of :data:`TASKS` with every method it runs (or ``methods``),
+    at every learning rate of its grid (or of ``grids``) and seeds ``0 .. seeds - 1``: a tanh
+    MLP of the task's sizes (or ``sizes``) seeded by the run's seed, mini-batches of the task's
+    size (L-BFGS: the full batch) for its steps (or ``steps``), the full training loss at every
+    evaluation; in ``dtype`` whatever torch's default.
+
+    Raises:
+        ValueError: for an unknown task or method, a method the task leaves out, or a
+            non-positive number of seeds.
+    """
+    if problem not in TASKS:
+        raise ValueError(f"problem {problem!r} is not supported; use one of {list(TASKS)}.")
     check_positive_int("seeds", seeds)
-    data = problems.digits(dtype=dtype, device=device)
-    grids = {m: list(g) for m, g in (grids or GRIDS).items()}
-    chosen = list(methods or METHODS)
+    task = TASKS[problem]
+    runnable = [m for m in METHODS if m not in task.left_out]
+    chosen = list(methods or runnable)
+    for method in set(chosen) - set(runnable):
+        why = task.left_out.get(method, "it is not a method of this comparison")
+        raise ValueError(f"{problem}: method {method!r} is not run: {why}; use {runnable}.")
+    grids = {m: list((grids or task.grids)[m]) for m in chosen}
+    sizes, steps = tuple(sizes or task.sizes), task.steps if steps is None else steps
+    data = getattr(problems, task.data)(dtype=dtype, device=device)
+    target = task.target if task.stop_at_target else None
     runs = []
     for method in chosen:
+        kind = task.kinds.get(method, "exact")
         for lr in grids[method]:
             for seed in range(seeds):
                 model = problems.mlp(list(sizes), seed=seed, dtype=dtype).to(device)
-                optimizer = METHODS[method](model, data.loss_fn, lr, seed)
+                optimizer = METHODS[method](model, data.loss_fn, lr, seed, kind)
                 if method == "L-BFGS":
                     trace = train_lbfgs(model, optimizer, data.loss_fn, data.X_train,
-                                        data.y_train, steps, eval_every)  # fmt: skip
+                                        data.y_train, steps, task.eval_every,
+                                        target=target)  # fmt: skip
                 else:
                     trace = optim.train(model, optimizer, data.loss_fn, data.X_train,
-                                        data.y_train, steps, batch_size, eval_every, seed,
-                                        clock=time.process_time)  # fmt: skip
+                                        data.y_train, steps, task.batch_size, task.eval_every,
+                                        seed, clock=time.process_time, target=target)  # fmt: skip
                 runs.append(Run(method, lr, seed, trace.steps, trace.losses, trace.seconds))
     return Comparison(
-        problem="digits",
-        sizes=tuple(sizes),
+        problem=problem,
+        sizes=sizes,
         steps=steps,
-        batch_size=batch_size,
-        eval_every=eval_every,
+        batch_size=task.batch_size,
+        eval_every=task.eval_every,
         seeds=seeds,
-        target=target,
-        grids={m: grids[m] for m in chosen},
-        settings={m: SETTINGS[m] for m in chosen},
+        target=task.target,
+        grids=grids,
+        settings={m: settings(m, task.kinds.get(m, "exact")) for m in chosen},
         runs=runs,
         environment=environment(torch.device(device))
         | {"clock": "CPU time of the process", "dtype": str(dtype).removeprefix("torch.")},
+        left_out=dict(task.left_out),
+        stop_at_target=task.stop_at_target,
     )
 
 
@@ -260,8 +361,29 @@ def write_record(comparison: Comparison, path: Path) -> None:
 
 
 def read_record(path: Path) -> Comparison:
-    """A :class:`Comparison` from :func:`write_record`'s JSON."""
+    """A :class:`Comparison` from :func:`write_record`'s JSON.
+
+    Raises:
+        ValueError: if the file is not a comparison record of schema :data:`SCHEMA` (an older
+            record, another benchmark's record), or misses or adds fields.
+    """
     data = json.loads(Path(path).read_text())
+    found = data.get("schema") if isinstance(data, dict) else None
+    if found != SCHEMA:
+        raise ValueError(
+            f"{path} is not a training-comparison record of schema {SCHEMA!r} (its schema is "
+            f"{found!r}); write it with python -m natlib bench training --out {path}."
+        )
+    known = {f.name for f in fields(Comparison)}
+    required = {
+        f.name for f in fields(Comparison) if f.default is MISSING and f.default_factory is MISSING
+    }
+    missing, unknown = sorted(required - set(data)), sorted(set(data) - known)
+    if missing or unknown:
+        raise ValueError(
+            f"{path} does not hold a comparison record: missing fields {missing}, unknown "
+            f"fields {unknown}."
+        )
     data["runs"] = [Run(**run) for run in data["runs"]]
     data["sizes"] = tuple(data["sizes"])
     return Comparison(**data)

@@ -17,7 +17,8 @@ DATA = BOOK / "data"  # recorded runs, JSON written by ``python -m natlib bench 
 
 _RECORD_NAME = re.compile(
     r"(?P<kind>kfac_benchmark_|scaling-|distributed-|newton-|approximations-|training-|"
-    r"sweep-(?P<problem>kfac-ngd|autoencoder)-)(?P<device>cpu|cuda)\.json"
+    r"training-(?P<task>autoencoder)-|sweep-(?P<problem>kfac-ngd|autoencoder)-)"
+    r"(?P<device>cpu|cuda)\.json"
 )
 
 
@@ -31,8 +32,9 @@ def record_command(name: str) -> str:
 
     Known records are ``kfac_benchmark_<device>.json``, ``scaling-<device>.json``,
     ``distributed-<device>.json``, ``newton-<device>.json``, ``approximations-<device>.json``,
-    ``training-<device>.json`` and ``sweep-<problem>-<device>.json`` (``<problem>``
-    ``kfac-ngd`` or ``autoencoder``) with ``<device>`` ``cpu`` or ``cuda``.
+    ``training-<device>.json``, ``training-autoencoder-<device>.json`` and
+    ``sweep-<problem>-<device>.json`` (``<problem>`` ``kfac-ngd`` or ``autoencoder``) with
+    ``<device>`` ``cpu`` or ``cuda``.
 
     Raises:
         ValueError: ``name`` is not one of them.
@@ -42,13 +44,19 @@ def record_command(name: str) -> str:
         raise ValueError(
             f"{name!r} is not a recorded run; known names are kfac_benchmark_<device>.json, "
             "scaling-<device>.json, distributed-<device>.json, newton-<device>.json, "
-            "approximations-<device>.json, training-<device>.json and "
+            "approximations-<device>.json, training-<device>.json, "
+            "training-autoencoder-<device>.json and "
             "sweep-<kfac-ngd|autoencoder>-<device>.json with <device> cpu or cuda."
         )
     out = f"book/data/{name}"
     if match["problem"]:
         return (
             f"python -m natlib bench sweep --problem {match['problem']} "
+            f"--device {match['device']} --out {out}"
+        )
+    if match["task"]:
+        return (
+            f"python -m natlib bench training --problem {match['task']} "
             f"--device {match['device']} --out {out}"
         )
     if match["kind"] in ("scaling-", "distributed-", "newton-", "approximations-", "training-"):

@@ -1,12 +1,15 @@
 """natlib.comparison: equal-budget comparisons, the best learning rate and whether it is interior,
-quartiles to a target, full-batch L-BFGS runs, and the record round trip."""
+quartiles to a target, full-batch L-BFGS runs, the tasks (classifier and autoencoder), and the
+record round trip with its schema check."""
 
+import json
 import math
 
 import pytest
 import torch
 
-from natlib import comparison, problems
+from natlib import comparison, optim, problems
+from natlib.__main__ import main
 
 
 def fake(losses_by_lr: dict[float, list[list[float]]]) -> comparison.Comparison:
@@ -43,7 +46,7 @@ def test_a_best_point_at_the_edge_is_reported():
 def test_compare_optimizers_runs_every_setting_and_round_trips(tmp_path):
     grids = {"K-FAC": (0.1, 0.3), "Adam": (0.01,), "L-BFGS": (1.0,)}
     c = comparison.compare_optimizers(
-        (64, 4, 10), steps=4, seeds=2, eval_every=2, methods=list(grids), grids=grids
+        "digits", sizes=(64, 4, 10), steps=4, seeds=2, methods=list(grids), grids=grids
     )
     assert len(c.runs) == 2 * (2 + 1 + 1)
     assert all(r.steps == [0, 2, 4] and math.isfinite(r.losses[-1]) for r in c.runs)
@@ -61,7 +64,7 @@ def test_runs_do_not_depend_on_the_default_dtype():
         for default in (torch.float32, torch.float64):
             torch.set_default_dtype(default)
             c = comparison.compare_optimizers(
-                (64, 3, 10), steps=2, seeds=1, eval_every=1, methods=["K-FAC"],
+                sizes=(64, 3, 10), steps=2, seeds=1, methods=["K-FAC"],
                 grids={"K-FAC": (0.3,)},
             )  # fmt: skip
             results.append(c.runs[0].losses)
@@ -73,7 +76,73 @@ def test_runs_do_not_depend_on_the_default_dtype():
 def test_train_lbfgs_records_like_train():
     data = problems.digits(dtype=torch.float64)
     model = problems.mlp([64, 3, 10], seed=0, dtype=torch.float64)
-    optimizer = comparison.METHODS["L-BFGS"](model, data.loss_fn, 1.0, 0)
+    optimizer = comparison.METHODS["L-BFGS"](model, data.loss_fn, 1.0, 0, "exact")
     trace = comparison.train_lbfgs(model, optimizer, data.loss_fn, data.X_train, data.y_train, 5, 2)
     assert trace.steps == [0, 2, 4, 5] and trace.losses[-1] < trace.losses[0]
     assert trace.seconds[0] == 0.0 and trace.seconds[-1] > 0
+
+
+@pytest.mark.parametrize("name", list(comparison.TASKS))
+def test_every_task_gives_each_method_five_increasing_learning_rates(name):
+    task = comparison.TASKS[name]
+    assert set(task.grids) | set(task.left_out) == set(comparison.METHODS)
+    assert not set(task.grids) & set(task.left_out)
+    for grid in task.grids.values():
+        assert len(grid) == 5 and list(grid) == sorted(set(grid))
+        assert all(2.5 < b / a < 3.5 for a, b in zip(grid, grid[1:]))  # half a decade
+
+
+def test_the_autoencoder_runs_with_its_own_fisher_and_leaves_out_what_it_says():
+    grids = {"diagonal Fisher": (0.3,), "L-BFGS": (0.1,)}
+    c = comparison.compare_optimizers("autoencoder", steps=3, seeds=1, methods=list(grids),
+                                      grids=grids)  # fmt: skip
+    assert c.problem == "autoencoder" and c.sizes == comparison.TASKS["autoencoder"].sizes
+    assert "Monte-Carlo" in c.settings["diagonal Fisher"]
+    assert all(r.losses[-1] < r.losses[0] for r in c.runs)
+    assert "block-diagonal" in c.left_out and "left out: block-diagonal" in c.report()
+    assert c.report().startswith("digits autoencoder")
+    with pytest.raises(ValueError, match="block-diagonal.*4 s per step"):
+        comparison.compare_optimizers("autoencoder", methods=["block-diagonal"])
+    with pytest.raises(ValueError, match="problem 'mnist' is not supported"):
+        comparison.compare_optimizers("mnist")
+
+
+def test_runs_stop_at_the_target_when_asked():
+    data = problems.digits(dtype=torch.float64)
+    model = problems.mlp([64, 3, 10], seed=0, dtype=torch.float64)
+    optimizer = comparison.METHODS["Adam"](model, data.loss_fn, 0.1, 0, "exact")
+    trace = optim.train(model, optimizer, data.loss_fn, data.X_train, data.y_train, 50, 128,
+                        5, 0, target=2.0)  # fmt: skip
+    assert trace.losses[-1] <= 2.0 < trace.losses[-2] and trace.steps[-1] < 50
+    lbfgs = comparison.METHODS["L-BFGS"](model, data.loss_fn, 1.0, 0, "exact")
+    trace = comparison.train_lbfgs(model, lbfgs, data.loss_fn, data.X_train, data.y_train, 9,
+                                   3, target=10.0)  # fmt: skip
+    assert trace.steps == [0]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.pop("schema"), "schema 'natlib.comparison/1'.*None"),
+        (lambda d: d.update(schema="natlib.sweep/1"), "its schema is 'natlib.sweep/1'"),
+        (lambda d: d.pop("target"), r"missing fields \['target'\]"),
+        (lambda d: d.update(tuned="lr"), r"unknown fields \['tuned'\]"),
+    ],
+)
+def test_a_record_of_the_wrong_schema_fails_clearly(tmp_path, change, message):
+    path = tmp_path / "t.json"
+    comparison.write_record(fake({0.1: [[1, 0.4, 0.3]]}), path)
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=message):
+        comparison.read_record(path)
+
+
+def test_the_command_line_takes_only_the_problems_of_its_benchmark(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "training", "--problem", "kfac-ngd", "--device", "cpu"])
+    assert "use one of digits, autoencoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "curvature", "--problem", "digits", "--device", "cpu"])
+    assert "does not apply to bench curvature." in capsys.readouterr().err

@@ -166,6 +166,13 @@ def test_record_command_for_each_kind_of_record():
     assert record_command("approximations-cpu.json") == (
         "python -m natlib bench approximations --device cpu --out book/data/approximations-cpu.json"
     )
+    assert record_command("training-cpu.json") == (
+        "python -m natlib bench training --device cpu --out book/data/training-cpu.json"
+    )
+    assert record_command("training-autoencoder-cpu.json") == (
+        "python -m natlib bench training --problem autoencoder --device cpu "
+        "--out book/data/training-autoencoder-cpu.json"
+    )
     with pytest.raises(ValueError, match="not a recorded run"):
         record_command("../scaling-cpu.json")
 
