@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -140,9 +141,8 @@ TASKS: dict[str, Task] = {
         },
         kinds={"diagonal Fisher": "mc"},
         left_out={
-            "block-diagonal": "forming and factorising its exact layer blocks (up to 2,112 x "
-            "2,112) takes about 4 s per step on one thread (1 s with a sampled Fisher): hours "
-            "for its grid",
+            "block-diagonal": "it forms its exact layer blocks (up to 2,112 x 2,112) from a "
+            "backward pass per output and example, and factorises them, at every step",
         },
         stop_at_target=True,
     ),
@@ -267,14 +267,49 @@ class Comparison:
             f"  {'method':16s} {'lr':>6s} {'interior':>9s} {'iterations':>11s} {'CPU s':>8s}",
         ]
         for method in self.grids:
-            lr = self.best(method)
-            iterations = self.quartiles(self.iterations(method, lr))[1]
-            seconds = self.quartiles(self.seconds(method, lr))[1]
+            iterations, seconds = self.at_best(method)
             lines.append(
-                f"  {method:16s} {lr:6g} {str(self.interior(method)):>9s} "
-                f"{iterations:11.0f} {seconds:8.2f}"
+                f"  {method:16s} {self.best(method):6g} {str(self.interior(method)):>9s} "
+                f"{iterations[1]:11.0f} {seconds[1]:8.2f}"
             )
         lines += [f"  left out: {method}: {why}" for method, why in self.left_out.items()]
+        return "\n".join(lines)
+
+    def at_best(self, method: str) -> tuple[tuple[float, float, float], ...]:
+        """Quartiles over seeds of the iterations and of the seconds to the target, at the
+        best learning rate."""
+        lr = self.best(method)
+        return self.quartiles(self.iterations(method, lr)), self.quartiles(self.seconds(method, lr))
+
+    def reached(self, method: str) -> int:
+        """How many seeds reach the target at the best learning rate."""
+        return sum(math.isfinite(k) for k in self.iterations(method, self.best(method)))
+
+    def grid_table(self) -> str:
+        """Each method's grid with its best learning rate (marked at an edge), and its other
+        hyper-parameters, for a 78-column page."""
+        lines = [f"{'method':16s} {'learning rates':>26s}  {'best':>5s}"]
+        for method, grid in self.grids.items():
+            edge = "" if self.interior(method) else " (edge)"
+            values = " ".join(f"{v:g}" for v in grid)
+            lines += [f"{method:16s} {values:>26s}  {self.best(method):5g}{edge}"]
+            lines += textwrap.wrap(self.settings[method], 76, initial_indent="  ",
+                                   subsequent_indent="  ")  # fmt: skip
+        return "\n".join(lines)
+
+    def target_table(self) -> str:
+        """Median [quartiles] over seeds of the iterations and CPU seconds to the target at
+        each method's best learning rate, and how many seeds reach it."""
+        lines = [
+            f"to training loss {self.target:g}: median [quartiles] over {self.seeds} seeds",
+            f"{'method':16s} {'reached':>7s} {'iterations':>16s} {'CPU seconds':>22s}",
+        ]
+        for method in self.grids:
+            (i0, i1, i2), (s0, s1, s2) = self.at_best(method)
+            lines.append(
+                f"{method:16s} {self.reached(method):4d}/{self.seeds:<2d} "
+                f"{i1:5.0f} [{i0:3.0f}, {i2:3.0f}]  {s1:8.2f} [{s0:5.2f}, {s2:5.2f}]"
+            )
         return "\n".join(lines)
 
     def quartiles(self, values: Sequence[float]) -> tuple[float, float, float]:
@@ -348,9 +383,26 @@ def compare_optimizers(
         runs=runs,
         environment=environment(torch.device(device))
         | {"clock": "CPU time of the process", "dtype": str(dtype).removeprefix("torch.")},
-        left_out=dict(task.left_out),
+        left_out=_left_out(task, data, dtype, device) if methods is None else dict(task.left_out),
         stop_at_target=task.stop_at_target,
     )
+
+
+def _left_out(task: Task, data: problems.Problem, dtype: torch.dtype, device) -> dict[str, str]:
+    """Each method the task leaves out, with its reason and the CPU seconds of one step (from
+    seed 0 and the middle of a five-point grid), and what its grid would have cost."""
+    reasons = {}
+    for method, why in task.left_out.items():
+        model = problems.mlp(list(task.sizes), seed=0, dtype=dtype).to(device)
+        optimizer = METHODS[method](model, data.loss_fn, 0.3, 0, task.kinds.get(method, "exact"))
+        trace = optim.train(model, optimizer, data.loss_fn, data.X_train, data.y_train, 1,
+                            task.batch_size, clock=time.process_time)  # fmt: skip
+        hours = trace.seconds[-1] * task.steps * 5 * 5 / 3600
+        reasons[method] = (
+            f"{why}; one step took {trace.seconds[-1]:.1f} CPU s here, so its grid of 5 "
+            f"learning rates and 5 seeds would take about {hours:.0f} CPU hours"
+        )
+    return reasons
 
 
 def write_record(comparison: Comparison, path: Path) -> None:

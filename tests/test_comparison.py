@@ -4,6 +4,7 @@ record round trip with its schema check."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -100,8 +101,12 @@ def test_the_autoencoder_runs_with_its_own_fisher_and_leaves_out_what_it_says():
     assert "Monte-Carlo" in c.settings["diagonal Fisher"]
     assert all(r.losses[-1] < r.losses[0] for r in c.runs)
     assert "block-diagonal" in c.left_out and "left out: block-diagonal" in c.report()
+    reasons = comparison._left_out(comparison.TASKS["autoencoder"], problems.digits_autoencoder(
+        dtype=torch.float64), torch.float64, "cpu")  # fmt: skip
+    assert re.search(r"one step took \d+\.\d CPU s here, .* about \d+ CPU hours",
+                     reasons["block-diagonal"])  # fmt: skip
     assert c.report().startswith("digits autoencoder")
-    with pytest.raises(ValueError, match="block-diagonal.*4 s per step"):
+    with pytest.raises(ValueError, match="block-diagonal.*backward pass per output"):
         comparison.compare_optimizers("autoencoder", methods=["block-diagonal"])
     with pytest.raises(ValueError, match="problem 'mnist' is not supported"):
         comparison.compare_optimizers("mnist")
@@ -146,3 +151,19 @@ def test_the_command_line_takes_only_the_problems_of_its_benchmark(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "curvature", "--problem", "digits", "--device", "cpu"])
     assert "does not apply to bench curvature." in capsys.readouterr().err
+
+
+def test_tables_give_each_method_its_grid_best_point_and_quartiles_to_the_target():
+    c = fake({0.1: [[1, 0.9, 0.6], [1, 0.9, 0.7]], 0.3: [[1, 0.4, 0.3], [1, 0.6, 0.4]]})
+    assert c.reached("m") == 2 and c.at_best("m") == ((1.25, 1.5, 1.75), (1.25, 1.5, 1.75))
+    grid = c.grid_table().splitlines()
+    assert grid[1].split() == ["m", "0.1", "0.3", "0.3", "(edge)"]
+    table = c.target_table()
+    assert "to training loss 0.5" in table and table.splitlines()[-1].split()[:3] == [
+        "m",
+        "2/2",
+        "2",
+    ]
+    assert max(len(line) for line in grid + table.splitlines()) <= 78
+    unreached = fake({0.1: [[1, 0.9, 0.6]] * 2, 0.3: [[1, 0.8, 0.7]] * 2})
+    assert unreached.reached("m") == 0 and unreached.at_best("m")[0] == (math.inf,) * 3
