@@ -126,10 +126,10 @@ TASKS: dict[str, Task] = {
         title="digits autoencoder",
         data="digits_autoencoder",
         sizes=(64, 32, 16, 8, 16, 32, 64),
-        steps=400,
+        steps=300,
         batch_size=128,
         eval_every=5,
-        target=0.35,
+        target=0.37,
         grids={
             "exact NGD": (0.1, 0.3, 1.0, 3.0, 10.0),
             "K-FAC": (0.03, 0.1, 0.3, 1.0, 3.0),
