@@ -313,10 +313,13 @@ class Comparison:
         return "\n".join(lines)
 
     def quartiles(self, values: Sequence[float]) -> tuple[float, float, float]:
-        """25th, 50th and 75th percentiles (``inf`` where runs did not reach the target)."""
-        with np.errstate(invalid="ignore"):  # inf - inf between two unreached runs
-            quartiles = np.percentile(np.array(values, dtype=float), [25, 50, 75])
-        low, mid, high = np.nan_to_num(quartiles, nan=math.inf)
+        """25th, 50th and 75th percentiles (``inf`` where runs did not reach the target): an
+        unreached run counts as larger than any reached one, and a percentile that falls on
+        or next to one is ``inf``."""
+        big = np.finfo(float).max / 4  # stands for inf: interpolating with inf gives nan
+        finite = np.minimum(np.array(values, dtype=float), big)
+        quartiles = np.percentile(finite, [25, 50, 75])
+        low, mid, high = np.where(quartiles > big / 2**20, math.inf, quartiles)
         return float(low), float(mid), float(high)
 
 

@@ -36,6 +36,8 @@ def test_best_is_fewest_median_iterations_then_lowest_final_loss():
     assert c.iterations("m", 0.1) == [math.inf, math.inf]
     assert c.best("m") == 0.3 and c.interior("m")
     assert c.quartiles([1.0, 2.0, 3.0]) == (1.5, 2.0, 2.5)
+    assert c.quartiles([4.0, 2.0, 3.0, math.inf, math.inf]) == (3.0, 4.0, math.inf)
+    assert c.quartiles([1.0, math.inf]) == (math.inf, math.inf, math.inf)
     assert c.final_loss("m", 1.0) == pytest.approx(0.15)
 
 
