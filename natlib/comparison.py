@@ -46,7 +46,7 @@ Builder = Callable[[nn.Module, nn.Module, float, int, FisherKind], torch.optim.O
 _FISHER = {"exact": "exact Fisher", "mc": "Monte-Carlo Fisher (one sampled label per example)"}
 
 #: Every hyper-parameter but the learning rate, as the book states them (``{fisher}``: the
-#: Fisher the task uses, :data:`_FISHER`).
+#: Fisher the task uses: exact or Monte-Carlo).
 SETTINGS = {
     "exact NGD": "{fisher} of each batch, damping 0.01; dense Cholesky up to "
     f"{DENSE_LIMIT:,} parameters, conjugate gradients to relative residual "
