@@ -46,15 +46,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     bench.add_argument(
         "--problem",
-        choices=["kfac-ngd", "autoencoder"],
-        default="kfac-ngd",
-        help="sweep: K-FAC against exact NGD, or K-FAC, SGD and Adam on the autoencoder",
+        choices=["kfac-ngd", "autoencoder", "digits", "cnn", "transformer"],
+        help="sweep: kfac-ngd (default, K-FAC against exact NGD) or autoencoder (K-FAC, SGD "
+        "and Adam); training: digits (default, the classifier), autoencoder (both tanh MLPs, "
+        "chapter 5), cnn (the digits CNN) or transformer (the character-level race; chapter 3)",
     )
     bench.add_argument(
         "--model",
         choices=["mlp", "cnn", "transformer"],
         default="mlp",
-        help="kfac, training: the tanh MLP (default), the digits CNN or the character transformer",
+        help="kfac: the tanh MLP (default), the digits CNN or the character transformer",
     )
     bench.add_argument(
         "--threads",
@@ -101,10 +102,18 @@ def main(argv: list[str] | None = None) -> None:
             sweeps,
         )
 
-        if args.name == "training" and args.model == "transformer" and args.device == "cuda":
-            parser.error("training --model transformer races on the CPU clock; drop --device.")
+        training = [*comparison.TASKS, "transformer"]
+        problem = args.problem or {"sweep": "kfac-ngd", "training": "digits"}.get(args.name)
+        allowed = {"sweep": sweeps.PROBLEMS, "training": training}.get(args.name)
+        if args.problem and (allowed is None or args.problem not in allowed):
+            parser.error(
+                f"--problem {args.problem} does not apply to bench {args.name}"
+                + (f"; use one of {', '.join(allowed)}." if allowed else ".")
+            )
+        if args.name == "training" and problem == "transformer" and args.device == "cuda":
+            parser.error("training --problem transformer races on the CPU clock; drop --device.")
         if args.name == "sweep":
-            reported = sweeps.benchmark(args.problem, device=args.device)
+            reported = sweeps.benchmark(problem, device=args.device)
             print(reported.report())
             if args.json:
                 sweeps.write_record(reported.record, args.json)
@@ -120,11 +129,11 @@ def main(argv: list[str] | None = None) -> None:
             "approximations": lambda: fidelity.approximations_benchmark(device=args.device),
             "distributed": lambda: bench_distributed.benchmark(args.device),
             "newton": lambda: feasibility.measure(device=args.device or "cpu"),
-            "training": lambda: {
-                "mlp": lambda: comparison.compare_optimizers(device=args.device or "cpu"),
-                "cnn": lambda: comparison.compare_cnn(device=args.device or "cpu"),
-                "transformer": lambda: race.run(progress=True),
-            }[args.model](),
+            "training": lambda: (
+                race.run(progress=True)
+                if problem == "transformer"
+                else comparison.compare_optimizers(problem, device=args.device or "cpu")
+            ),
         }
         result = chosen[args.name]()
         print(result.report())

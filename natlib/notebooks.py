@@ -16,9 +16,9 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 DATA = BOOK / "data"  # recorded runs, JSON written by ``python -m natlib bench ...``
 
 _RECORD_NAME = re.compile(
-    r"(?P<kind>kfac_benchmark_|scaling-|distributed-|newton-|approximations-|"
-    r"training-(?:(?P<model>cnn|transformer)-)?|"
-    r"sweep-(?P<problem>kfac-ngd|autoencoder)-)(?P<device>cpu|cuda)\.json"
+    r"(?P<kind>kfac_benchmark_|scaling-|distributed-|newton-|approximations-|training-|"
+    r"training-(?P<task>autoencoder|cnn|transformer)-|sweep-(?P<problem>kfac-ngd|autoencoder)-)"
+    r"(?P<device>cpu|cuda)\.json"
 )
 
 
@@ -32,9 +32,9 @@ def record_command(name: str) -> str:
 
     Known records are ``kfac_benchmark_<device>.json``, ``scaling-<device>.json``,
     ``distributed-<device>.json``, ``newton-<device>.json``, ``approximations-<device>.json``,
-    ``training-<device>.json``, ``training-<model>-<device>.json`` (``<model>`` ``cnn`` or
-    ``transformer``) and ``sweep-<problem>-<device>.json`` (``<problem>`` ``kfac-ngd`` or
-    ``autoencoder``) with ``<device>`` ``cpu`` or ``cuda``.
+    ``training-<device>.json``, ``training-<problem>-<device>.json`` (``<problem>``
+    ``autoencoder``, ``cnn`` or ``transformer``) and ``sweep-<problem>-<device>.json``
+    (``<problem>`` ``kfac-ngd`` or ``autoencoder``) with ``<device>`` ``cpu`` or ``cuda``.
 
     Raises:
         ValueError: ``name`` is not one of them.
@@ -45,7 +45,7 @@ def record_command(name: str) -> str:
             f"{name!r} is not a recorded run; known names are kfac_benchmark_<device>.json, "
             "scaling-<device>.json, distributed-<device>.json, newton-<device>.json, "
             "approximations-<device>.json, training-<device>.json, "
-            "training-<cnn|transformer>-<device>.json and "
+            "training-<autoencoder|cnn|transformer>-<device>.json and "
             "sweep-<kfac-ngd|autoencoder>-<device>.json with <device> cpu or cuda."
         )
     out = f"book/data/{name}"
@@ -54,9 +54,9 @@ def record_command(name: str) -> str:
             f"python -m natlib bench sweep --problem {match['problem']} "
             f"--device {match['device']} --out {out}"
         )
-    if match["model"]:
+    if match["task"]:
         return (
-            f"python -m natlib bench training --model {match['model']} "
+            f"python -m natlib bench training --problem {match['task']} "
             f"--device {match['device']} --out {out}"
         )
     if match["kind"] in ("scaling-", "distributed-", "newton-", "approximations-", "training-"):

@@ -293,6 +293,19 @@ class Trace:
                 return k, s
         return None
 
+    def evaluate(
+        self, model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, step: int,
+        seconds: float, target: float | None = None,
+    ) -> bool:  # fmt: skip
+        """Record the full-batch loss after ``step`` steps; whether training should stop (the
+        loss is not finite, or at most ``target``)."""
+        with torch.no_grad():
+            loss = loss_fn(model(X), y).item()
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.seconds.append(seconds)
+        return not math.isfinite(loss) or (target is not None and loss <= target)
+
 
 def train(
     model: nn.Module,
@@ -305,12 +318,14 @@ def train(
     eval_every: int = 10,
     seed: int = 0,
     clock: Callable[[], float] = time.perf_counter,
+    target: float | None = None,
 ) -> Trace:
     """Train with mini-batches (reshuffled every epoch; ``None``: full batch) and record the
     full training loss every ``eval_every`` steps, and the optimiser's seconds on ``clock``
     (``time.process_time``: CPU seconds, which other processes do not inflate). Stops early
-    when the loss is not finite, or when a step raises
-    :class:`~natlib.checks.NonFiniteError` (recorded as an infinite loss after it).
+    when the loss is not finite or a step raises :class:`~natlib.checks.NonFiniteError`
+    (recorded as an infinite loss after it), or at the first evaluation at most ``target``
+    (if given).
 
     Raises:
         ValueError: if ``steps`` is negative, ``batch_size`` (when given) or ``eval_every`` is
@@ -332,14 +347,10 @@ def train(
     trace = Trace([], [], [])
     elapsed = 0.0
     for k in range(steps + 1):
-        if k % eval_every == 0 or k == steps:
-            with torch.no_grad():
-                loss = loss_fn(model(X), y).item()
-            trace.steps.append(k)
-            trace.losses.append(loss)
-            trace.seconds.append(elapsed)
-            if not math.isfinite(loss):
-                break
+        if (k % eval_every == 0 or k == steps) and trace.evaluate(
+            model, loss_fn, X, y, k, elapsed, target
+        ):
+            break
         if k == steps:
             break
         if len(order) < batch_size:

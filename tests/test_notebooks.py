@@ -170,8 +170,12 @@ def test_record_command_for_each_kind_of_record():
         "python -m natlib bench training --device cpu --out book/data/training-cpu.json"
     )
     assert record_command("training-transformer-cpu.json") == (
-        "python -m natlib bench training --model transformer --device cpu "
+        "python -m natlib bench training --problem transformer --device cpu "
         "--out book/data/training-transformer-cpu.json"
+    )
+    assert record_command("training-autoencoder-cpu.json") == (
+        "python -m natlib bench training --problem autoencoder --device cpu "
+        "--out book/data/training-autoencoder-cpu.json"
     )
     with pytest.raises(ValueError, match="not a recorded run"):
         record_command("../scaling-cpu.json")
