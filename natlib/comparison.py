@@ -8,14 +8,14 @@ judged at its best setting by the median over seeds.
   with tanh MLPs, chapter 5; the digits classifier with the small CNN of
   :func:`natlib.problems.digits_cnn`, chapter 3), each with its network, budget, target loss
   and grids;
-- :func:`train_lbfgs`: ``torch.optim.LBFGS`` on the full batch, one iteration per step;
 - :func:`compare_optimizers`: the grid of methods, learning rates and seeds on one task, as a
   :class:`Comparison`, which picks each method's best learning rate, says whether it is
   interior to the grid, and gives iterations and seconds to a target loss as quartiles over
   seeds. ``python -m natlib bench training [--problem autoencoder]`` records it.
 
-Seconds are those of the optimiser (evaluations excluded) on ``time.process_time``: CPU
-seconds of the process, which other processes on a shared machine do not inflate.
+Runs take one torch thread; seconds are those of the optimiser (evaluations excluded) on
+``time.process_time``: CPU seconds of the process, which other processes on a shared machine
+do not inflate.
 """
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from natlib import optim, problems
+from natlib import optim, problems, runtime
 from natlib.checks import check_choice, check_positive_int
 from natlib.exact import DENSE_LIMIT
 from natlib.linalg import CG_TOLERANCE
 from natlib.losses import FisherKind
 from natlib.optim import Trace
+from natlib.preconditioned import train_lbfgs
 from natlib.timing import environment
 
 #: The schema name written into every comparison record.
@@ -180,41 +181,6 @@ GRIDS = TASKS["digits"].grids
 def settings(method: str, kind: FisherKind = "exact") -> str:
     """Every hyper-parameter of ``method`` but the learning rate, for the Fisher ``kind``."""
     return SETTINGS[method].format(fisher=_FISHER[kind])
-
-
-def train_lbfgs(
-    model: nn.Module,
-    optimizer: torch.optim.LBFGS,
-    loss_fn: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    steps: int,
-    eval_every: int = 10,
-    clock: Callable[[], float] = time.process_time,
-    target: float | None = None,
-) -> Trace:
-    """``steps`` iterations of ``torch.optim.LBFGS`` (build it with ``max_iter=1``) on the full
-    batch, recorded as :func:`natlib.preconditioned.train` records a run. Stops at a non-finite
-    loss, or at the first evaluation at most ``target`` (if given)."""
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = loss_fn(model(X), y)
-        loss.backward()
-        return loss
-
-    trace, elapsed = Trace([], [], []), 0.0
-    for k in range(steps + 1):
-        if (k % eval_every == 0 or k == steps) and trace.evaluate(
-            model, loss_fn, X, y, k, elapsed, target
-        ):
-            break
-        if k == steps:
-            break
-        start = clock()
-        optimizer.step(closure)
-        elapsed += clock() - start
-    return trace
 
 
 @dataclass(frozen=True)
@@ -386,9 +352,43 @@ def compare_optimizers(
     grids = {m: list((grids or task.grids)[m]) for m in chosen}
     sizes, steps = tuple(sizes or task.sizes), task.steps if steps is None else steps
     data = getattr(problems, task.data)(dtype=dtype, device=device)
+    with runtime.threads(1):  # CPU seconds of one thread, reproducible bit for bit
+        runs = _runs(task, grids, sizes, steps, seeds, data, dtype, device)
+        where = environment(torch.device(device))
+        left_out = _left_out(task, data, dtype, device) if methods is None else task.left_out
+    return Comparison(
+        problem=problem,
+        sizes=sizes,
+        steps=steps,
+        batch_size=task.batch_size,
+        eval_every=task.eval_every,
+        seeds=seeds,
+        target=task.target,
+        grids=grids,
+        settings={m: settings(m, task.kinds.get(m, "exact")) for m in chosen},
+        runs=runs,
+        environment=where
+        | {"clock": "CPU time of the process", "dtype": str(dtype).removeprefix("torch.")},
+        left_out=dict(left_out),
+        stop_at_target=task.stop_at_target,
+        model=task.network,
+    )
+
+
+def _runs(
+    task: Task,
+    grids: dict[str, list[float]],
+    sizes: tuple[int, ...],
+    steps: int,
+    seeds: int,
+    data: problems.Problem,
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> list[Run]:
+    """Every method of ``grids`` at each of its learning rates and seeds on ``task``."""
     target = task.target if task.stop_at_target else None
     runs = []
-    for method in chosen:
+    for method in grids:
         kind = task.kinds.get(method, "exact")
         for lr in grids[method]:
             for seed in range(seeds):
@@ -403,23 +403,7 @@ def compare_optimizers(
                                         data.y_train, steps, task.batch_size, task.eval_every,
                                         seed, clock=time.process_time, target=target)  # fmt: skip
                 runs.append(Run(method, lr, seed, trace.steps, trace.losses, trace.seconds))
-    return Comparison(
-        problem=problem,
-        sizes=sizes,
-        steps=steps,
-        batch_size=task.batch_size,
-        eval_every=task.eval_every,
-        seeds=seeds,
-        target=task.target,
-        grids=grids,
-        settings={m: settings(m, task.kinds.get(m, "exact")) for m in chosen},
-        runs=runs,
-        environment=environment(torch.device(device))
-        | {"clock": "CPU time of the process", "dtype": str(dtype).removeprefix("torch.")},
-        left_out=_left_out(task, data, dtype, device) if methods is None else dict(task.left_out),
-        stop_at_target=task.stop_at_target,
-        model=task.network,
-    )
+    return runs
 
 
 def network(kind: Network, sizes: Sequence[int], seed: int, dtype: torch.dtype) -> nn.Module:

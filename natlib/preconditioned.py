@@ -1,5 +1,6 @@
 r"""The preconditioned optimiser every natural-gradient method of natlib configures, and a
-small training loop.
+small training loop (:func:`train`; :func:`train_lbfgs` for ``torch.optim.LBFGS`` on the full
+batch, one iteration per step).
 
 :class:`PreconditionedOptimizer` is parametrised by a curvature class of
 :mod:`natlib.interface`; it watches the model's forward pass through hooks, so it trains with
@@ -368,5 +369,40 @@ def train(
             break
         if X.is_cuda:
             torch.cuda.synchronize(X.device)
+        elapsed += clock() - start
+    return trace
+
+
+def train_lbfgs(
+    model: nn.Module,
+    optimizer: torch.optim.LBFGS,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    steps: int,
+    eval_every: int = 10,
+    clock: Callable[[], float] = time.process_time,
+    target: float | None = None,
+) -> Trace:
+    """``steps`` iterations of ``torch.optim.LBFGS`` (build it with ``max_iter=1``) on the full
+    batch, recorded as :func:`train` records a run. Stops at a non-finite
+    loss, or at the first evaluation at most ``target`` (if given)."""
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(model(X), y)
+        loss.backward()
+        return loss
+
+    trace, elapsed = Trace([], [], []), 0.0
+    for k in range(steps + 1):
+        if (k % eval_every == 0 or k == steps) and trace.evaluate(
+            model, loss_fn, X, y, k, elapsed, target
+        ):
+            break
+        if k == steps:
+            break
+        start = clock()
+        optimizer.step(closure)
         elapsed += clock() - start
     return trace

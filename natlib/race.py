@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from natlib import costmodel, language, timing
+from natlib import costmodel, language, runtime, timing
 from natlib.checks import NonFiniteError, check_positive, check_positive_int
 from natlib.kfac import KFACApproximation
 from natlib.optim import KFAC
@@ -162,9 +162,7 @@ def race(
     from tqdm.auto import tqdm
 
     data = data or task.data()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with runtime.threads(1):
         runners = [_Runner(task, data, *entry) for entry in entries]
         for runner in runners:
             runner.evaluate()
@@ -172,8 +170,6 @@ def race(
             for runner in runners:
                 runner.advance(until)
                 runner.evaluate()
-    finally:
-        torch.set_num_threads(threads)
     return [runner.curve for runner in runners]
 
 

@@ -11,6 +11,7 @@ import torch
 
 from natlib import comparison, optim, problems
 from natlib.__main__ import main
+from natlib.preconditioned import train_lbfgs
 
 
 def fake(losses_by_lr: dict[float, list[list[float]]]) -> comparison.Comparison:
@@ -81,7 +82,7 @@ def test_train_lbfgs_records_like_train():
     data = problems.digits(dtype=torch.float64)
     model = problems.mlp([64, 3, 10], seed=0, dtype=torch.float64)
     optimizer = comparison.METHODS["L-BFGS"](model, data.loss_fn, 1.0, 0, "exact")
-    trace = comparison.train_lbfgs(model, optimizer, data.loss_fn, data.X_train, data.y_train, 5, 2)
+    trace = train_lbfgs(model, optimizer, data.loss_fn, data.X_train, data.y_train, 5, 2)
     assert trace.steps == [0, 2, 4, 5] and trace.losses[-1] < trace.losses[0]
     assert trace.seconds[0] == 0.0 and trace.seconds[-1] > 0
 
@@ -140,7 +141,7 @@ def test_runs_stop_at_the_target_when_asked():
                         5, 0, target=2.0)  # fmt: skip
     assert trace.losses[-1] <= 2.0 < trace.losses[-2] and trace.steps[-1] < 50
     lbfgs = comparison.METHODS["L-BFGS"](model, data.loss_fn, 1.0, 0, "exact")
-    trace = comparison.train_lbfgs(model, lbfgs, data.loss_fn, data.X_train, data.y_train, 9,
+    trace = train_lbfgs(model, lbfgs, data.loss_fn, data.X_train, data.y_train, 9,
                                    3, target=10.0)  # fmt: skip
     assert trace.steps == [0]
 
