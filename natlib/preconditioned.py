@@ -294,6 +294,24 @@ class Trace:
                 return k, s
         return None
 
+    def checkpoint(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        X: Tensor,
+        y: Tensor,
+        step: int,
+        steps: int,
+        eval_every: int,
+        seconds: float,
+        target: float | None = None,
+    ) -> bool:
+        """Evaluate after ``step`` of ``steps`` steps when it is a multiple of ``eval_every`` or
+        the last; whether training stops here (the last step, or :meth:`evaluate` says so)."""
+        if step % eval_every == 0 or step == steps:
+            return self.evaluate(model, loss_fn, X, y, step, seconds, target) or step == steps
+        return False
+
     def evaluate(
         self, model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, step: int,
         seconds: float, target: float | None = None,
@@ -348,11 +366,7 @@ def train(
     trace = Trace([], [], [])
     elapsed = 0.0
     for k in range(steps + 1):
-        if (k % eval_every == 0 or k == steps) and trace.evaluate(
-            model, loss_fn, X, y, k, elapsed, target
-        ):
-            break
-        if k == steps:
+        if trace.checkpoint(model, loss_fn, X, y, k, steps, eval_every, elapsed, target):
             break
         if len(order) < batch_size:
             order = torch.cat([order, torch.randperm(n, generator=generator)])
@@ -396,11 +410,7 @@ def train_lbfgs(
 
     trace, elapsed = Trace([], [], []), 0.0
     for k in range(steps + 1):
-        if (k % eval_every == 0 or k == steps) and trace.evaluate(
-            model, loss_fn, X, y, k, elapsed, target
-        ):
-            break
-        if k == steps:
+        if trace.checkpoint(model, loss_fn, X, y, k, steps, eval_every, elapsed, target):
             break
         start = clock()
         optimizer.step(closure)
