@@ -86,8 +86,8 @@ METHODS: dict[str, Builder] = {
 }
 
 
-#: The networks a task trains: a tanh MLP (``sizes``: its widths) or the digits CNN
-#: (``sizes``: its channels).
+# The networks a task trains: a tanh MLP (``sizes``: its widths) or the digits CNN
+# (``sizes``: its channels).
 Network = Literal["mlp", "cnn"]
 
 
