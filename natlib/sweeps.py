@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from natlib import problems, timing
+from natlib import problems, runtime, timing
 from natlib.checks import check_positive_int
 from natlib.optim import KFAC, NGD, train
 
@@ -237,10 +237,7 @@ def run(
     jobs = [
         (m, s, seed) for m in methods for s in settings(problem.grids[m]) for seed in range(seeds)
     ]
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with runtime.threads(1):
         if progress:
             from tqdm.auto import tqdm
 
@@ -260,8 +257,6 @@ def run(
                 )
             )
         environment = timing.environment(device)
-    finally:
-        torch.set_num_threads(threads)
     grids = {m: problem.grids[m] for m in methods}
     return SweepRecord(
         problem={**asdict(problem), "grids": grids},
