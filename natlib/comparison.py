@@ -413,12 +413,8 @@ def network(kind: Network, sizes: Sequence[int], seed: int, dtype: torch.dtype) 
     check_choice("network", kind, Network)
     if kind == "mlp":
         return problems.mlp(list(sizes), seed=seed, dtype=dtype)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
+    with runtime.default_dtype(torch.float32):
         return problems.digits_cnn(tuple(sizes), seed=seed).to(dtype)
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _left_out(task: Task, data: problems.Problem, dtype: torch.dtype, device) -> dict[str, str]:

@@ -213,14 +213,10 @@ def measure(
 ) -> NewtonRecord:
     """Time the four methods on one thread (see the module) and return the record."""
     device = timing.resolve_device(device)
-    dtype = torch.get_default_dtype()
     with runtime.threads(1):
-        torch.set_default_dtype(torch.float32)
-        try:
+        with runtime.default_dtype(torch.float32):
             dense = [dense_row(w, batch, device, min_run_time) for w in dense_widths]
             free = [matrix_free_row(w, batch, device, min_run_time) for w in widths]
-        finally:
-            torch.set_default_dtype(dtype)
         steps = digits_step_seconds() if digits else {}
         return NewtonRecord(SCHEMA, timing.environment(device), batch, DAMPING, dense, free, steps)
 

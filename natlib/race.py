@@ -11,7 +11,8 @@ timed) in bits per character, :math:`\ell / \ln 2` for the mean cross-entropy :m
 :func:`run` tunes each method's learning rate in a short race from seed 0 (the same grid size
 and time per method), keeps the K-FAC approximation, expand or reduce (Eschenhagen et al.,
 2023), whose tuned run ends lower, and races the tuned methods from every seed. The record is a
-:class:`Race` (``python -m natlib bench training --model transformer``).
+:class:`Race` (``python -m natlib bench training --problem transformer``); :func:`replay`
+re-runs one of its runs to a checkpoint by steps.
 """
 
 from __future__ import annotations
@@ -94,7 +95,11 @@ class Task:
         return language.stdlib_chars(self.context, self.train_chars, self.test_chars)
 
     def model(self, seed: int) -> nn.Module:
-        return language.transformer(self.context, self.width, self.layers, self.heads, seed=seed)
+        """The transformer drawn in float32, whatever torch's default dtype."""
+        with runtime.default_dtype(torch.float32):
+            return language.transformer(
+                self.context, self.width, self.layers, self.heads, seed=seed
+            )
 
 
 @dataclass(frozen=True)
@@ -122,20 +127,24 @@ class _Runner:
         self.curve = Curve(method, value, seed, [], [], [])
         self.elapsed, self.steps, self.alive = 0.0, 0, True
 
-    def advance(self, until: float) -> None:
-        """Steps until the optimiser time reaches ``until`` (NaN or Inf ends the run)."""
+    def step(self) -> None:
+        """One timed optimiser step on a random batch (NaN or Inf ends the run)."""
         X, y, loss_fn = self.data.X_train, self.data.y_train, self.data.loss_fn
+        index = torch.randint(len(X), (self.task.batch,), generator=self.generator)
+        start = time.process_time()
+        try:
+            self.optimizer.zero_grad()
+            loss_fn(self.model(X[index]), y[index].flatten()).backward()
+            self.optimizer.step()
+        except NonFiniteError:  # the run diverged
+            self.alive = False
+        self.elapsed += time.process_time() - start
+        self.steps += 1
+
+    def advance(self, until: float) -> None:
+        """Steps until the optimiser time reaches ``until``."""
         while self.alive and self.elapsed < until:
-            index = torch.randint(len(X), (self.task.batch,), generator=self.generator)
-            start = time.process_time()
-            try:
-                self.optimizer.zero_grad()
-                loss_fn(self.model(X[index]), y[index].flatten()).backward()
-                self.optimizer.step()
-            except NonFiniteError:  # the run diverged
-                self.alive = False
-            self.elapsed += time.process_time() - start
-            self.steps += 1
+            self.step()
 
     def evaluate(self) -> None:
         bits = math.inf
@@ -171,6 +180,20 @@ def race(
                 runner.advance(until)
                 runner.evaluate()
     return [runner.curve for runner in runners]
+
+
+def replay(
+    curve: Curve, checkpoint: int, task: Task = Task(), data: Problem | None = None
+) -> float:
+    """Test bits per character of ``curve``'s run (method, value, seed) re-run, on one thread,
+    for the number of steps it had taken at ``checkpoint``: the steps, unlike the CPU seconds,
+    are the same on every run."""
+    with runtime.threads(1):
+        runner = _Runner(task, data or task.data(), curve.method, curve.value, curve.seed)
+        while runner.alive and runner.steps < curve.steps[checkpoint]:
+            runner.step()
+        runner.evaluate()
+    return runner.curve.bits[-1]
 
 
 @dataclass(frozen=True)

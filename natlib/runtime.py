@@ -7,7 +7,8 @@ import contextlib
 import os
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,17 +74,31 @@ def setup(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.device:
     return chosen
 
 
-@contextlib.contextmanager
-def threads(count: int) -> Iterator[None]:
+def threads(count: int) -> contextlib.AbstractContextManager[None]:
     """Run the block with ``count`` torch threads and restore the previous count after it.
 
     Timings on one thread, read on the process's CPU clock, are what other processes on a
     shared machine disturb least; small per-example loops are also faster on one thread.
     """
     check_positive_int("threads", count)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
+    return _temporarily(torch.get_num_threads, torch.set_num_threads, count)
+
+
+def default_dtype(dtype: torch.dtype) -> contextlib.AbstractContextManager[None]:
+    """Run the block with torch's default dtype ``dtype`` and restore the previous one after
+    it: a model drawn inside is the same whatever the caller's default."""
+    check_float_dtype(dtype)
+    return _temporarily(torch.get_default_dtype, torch.set_default_dtype, dtype)
+
+
+@contextlib.contextmanager
+def _temporarily(
+    get: Callable[[], Any], set_to: Callable[[Any], None], value: Any
+) -> Iterator[None]:
+    """Set a global with ``set_to(value)`` for the block, then restore what ``get`` gave."""
+    previous = get()
+    set_to(value)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        set_to(previous)

@@ -103,3 +103,26 @@ def test_step_cost_of_the_transformer() -> None:
     assert cost.overhead > 1.0 and cost.refresh > 0
     reduce = race.step_cost(TINY, "reduce", T_inv=10)
     assert reduce.factors < cost.factors and reduce.forward_backward == cost.forward_backward
+
+
+@pytest.mark.parametrize("method", ["SGD", "AdamW", "K-FAC-reduce"])
+def test_replay_reproduces_a_raced_run_by_its_steps(method) -> None:
+    """A run raced alongside others, re-run alone for the steps it took, ends at the same test
+    loss: the steps, unlike the CPU seconds, do not depend on the machine."""
+    curves = race.race(TINY, [("SGD", 0.1, 0), (method, 0.01, 1)], [0.05, 0.1])
+    curve = curves[1]
+    assert curve.steps[1] > 0
+    for checkpoint in (1, 2):
+        assert race.replay(curve, checkpoint, TINY) == curve.bits[checkpoint]
+    assert race.replay(curve, 0, TINY) == curve.bits[0]  # no step: the initial loss
+
+
+def test_the_transformer_is_drawn_in_float32_whatever_the_default() -> None:
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        drawn = [p.detach() for p in TINY.model(0).parameters()]
+    finally:
+        torch.set_default_dtype(previous)
+    again = list(TINY.model(0).parameters())
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(drawn, again))

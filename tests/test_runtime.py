@@ -105,3 +105,17 @@ def test_threads_sets_the_count_inside_the_block_and_restores_it_after():
         with natlib.runtime.threads(0):
             pass
     assert torch.get_num_threads() == before
+
+
+def test_default_dtype_sets_it_inside_the_block_and_restores_it_after():
+    before = torch.get_default_dtype()
+    for dtype in (torch.float32, torch.float64):
+        with natlib.runtime.default_dtype(dtype):
+            assert torch.get_default_dtype() == dtype
+        assert torch.get_default_dtype() == before
+    with pytest.raises(RuntimeError, match="boom"), natlib.runtime.default_dtype(torch.float32):
+        raise RuntimeError("boom")
+    assert torch.get_default_dtype() == before
+    with pytest.raises(ValueError, match="not supported"):
+        with natlib.runtime.default_dtype(torch.float16):
+            pass
