@@ -127,7 +127,9 @@ class KFACBenchmark:
     the work SGD does too (:func:`natlib.timing.amortised_parts`, named by
     ``SHARE_LABELS``); ``factors_s`` times
     :meth:`natlib.kfac.KFACApproximation.from_batch` (forward pass, output-gradient backward
-    pass, factor products).
+    pass, factor products); ``flop_ratio`` is chapter 4's FLOP model of the same step over
+    SGD's (:meth:`natlib.kfac.KFACApproximation.step_cost`), which counts the matrix products
+    and decompositions only.
     """
 
     widths: tuple[int, ...]
@@ -138,6 +140,7 @@ class KFACBenchmark:
     step_s: dict[str, float]
     shares: dict[str, dict[str, float]]
     factors_s: dict[str, float]
+    flop_ratio: dict[str, float]
     environment: dict[str, object] = field(default_factory=dict)
 
     def report(self) -> str:
@@ -160,7 +163,7 @@ class KFACBenchmark:
             share = self.shares[key]
             lines += [
                 f"  K-FAC {fisher:9s} T_cov/T_inv {periods:6s} {1e3 * seconds:7.1f} ms/step "
-                f"{ratio:5.2f}x SGD{verdict}",
+                f"{ratio:5.2f}x SGD (FLOP model {self.flop_ratio[key]:.2f}x){verdict}",
                 "      shares: "
                 + ", ".join(f"{part} {value:.0%}" for part, value in share.items()),
             ]
@@ -173,7 +176,7 @@ class KFACBenchmark:
 
 
 def kfac_benchmark(
-    rounds: int = 3,
+    rounds: int = 5,
     widths: tuple[int, ...] = KFAC_WIDTHS,
     batch: int = KFAC_BATCH,
     device: str | torch.device | None = None,
@@ -225,13 +228,15 @@ def _kfac_benchmark(
     step_s = timing.cycle_step_seconds(model, loss_fn, X, y, makers, rounds, clock)
     sgd_s = step_s.pop("sgd")
 
-    shares, factors_s = {}, {}
+    shares, factors_s, flop_ratio = {}, {}, {}
     for kind in KFAC_KINDS:
         parts = timing.step_parts(model, loss_fn, X, y, sgd, options(kind))
         fns = [parts.fns[part] for part in timing.STEP_PARTS]
         seconds = [timing.median_seconds(fn, min_run_time, clock) for fn in fns]
         parts.close()
+        estimate = KFACApproximation.from_batch(model, loss_fn, X, y, kind=kind)
         for T_cov, T_inv in KFAC_SETTINGS:
+            flop_ratio[f"{kind} {T_cov}/{T_inv}"] = estimate.step_cost(T_cov, T_inv).overhead
             amortised = timing.amortised_parts(*seconds, T_cov, T_inv)
             total = sum(amortised.values())
             shares[f"{kind} {T_cov}/{T_inv}"] = {
@@ -252,6 +257,7 @@ def _kfac_benchmark(
         step_s=step_s,
         shares=shares,
         factors_s=factors_s,
+        flop_ratio=flop_ratio,
         environment={
             **timing.environment(device),
             "clock": "wall clock" if clock is None else "CPU time of the process",
@@ -324,7 +330,7 @@ def architecture_problem(
 
 def architecture_benchmark(
     name: Architecture,
-    rounds: int = 3,
+    rounds: int = 5,
     batch: int | None = None,
     device: str | torch.device | None = None,
     **model_options: int,

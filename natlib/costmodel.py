@@ -38,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from natlib.checks import check_choice, check_positive, check_positive_int
+from natlib.checks import check_choice, check_integer, check_positive, check_positive_int
 from natlib.linalg import EIGH_FLOPS_PER_CUBE, INVERSE_FLOPS_PER_CUBE, DampingMode
 from natlib.losses import FisherKind
 
@@ -255,22 +255,27 @@ def network_step_cost(
     solve: float,
     T_cov: int = 1,
     T_inv: int = 1,
+    cotangents: int = 1,
 ) -> StepCost:
-    r"""One K-FAC step (one Monte-Carlo sample) of any network of linear layers, each given as
-    ``(d_in, d_out, rows)`` with ``rows`` the inputs it maps per step (:math:`BR` for a layer
-    shared over :math:`R` positions), and K-FAC's own counts per update, refresh and solve
+    r"""One K-FAC step of any network of linear layers, each given as ``(d_in, d_out, rows)``
+    with ``rows`` the inputs it maps per step (:math:`BR` for a layer shared over :math:`R`
+    positions), and K-FAC's own counts per update, refresh and solve
     (:attr:`natlib.kfac.KFACApproximation.flops`): forward and backward
-    :math:`\sum 6 M d_\text{in} d_\text{out}`, the sampled backward
-    :math:`\sum 2 M d_\text{in} d_\text{out}` and the factors every :math:`T_\text{cov}`, the
-    refresh every :math:`T_\text{inv}`. Work outside the linear layers (attention scores,
-    normalisation, embeddings) is not counted, for SGD nor for K-FAC."""
+    :math:`\sum 6 M d_\text{in} d_\text{out}`, the backward of ``cotangents`` :math:`K` extra
+    output cotangents per row :math:`\sum 2 M K d_\text{in} d_\text{out}` (one Monte-Carlo
+    sample by default, none for the empirical Fisher) and the factors every
+    :math:`T_\text{cov}`, the refresh every :math:`T_\text{inv}`. Work outside the linear
+    layers (attention scores, normalisation, embeddings, sampling, element-wise operations) is
+    not counted, for SGD nor for K-FAC."""
     for name, value in (("T_cov", T_cov), ("T_inv", T_inv)):
         check_positive_int(name, value)
+    check_integer("cotangents", cotangents, minimum=0)
     layers = list(layers)
+    sampled = sum(cotangent_backward_flops(i, o, m, cotangents) for i, o, m in layers)
     return StepCost(
         forward_backward=sum(forward_backward_flops(i, o, m) for i, o, m in layers),
         factors=update / T_cov,
-        sampled_backward=sum(cotangent_backward_flops(i, o, m, 1) for i, o, m in layers) / T_cov,
+        sampled_backward=sampled / T_cov,
         precondition=solve,
         refresh=refresh / T_inv,
     )

@@ -371,6 +371,18 @@ class KFACApproximation(RunningCurvature):
         )
         return Flops(update=update, refresh=refresh, solve=solve)
 
+    def step_cost(self, T_cov: int = 1, T_inv: int = 1) -> costmodel.StepCost:
+        """Chapter 4's FLOP model of one optimiser step with these factors
+        (:func:`natlib.costmodel.network_step_cost`): every layer maps its :math:`NR` rows,
+        and the Fisher's extra backward pass carries :attr:`num_cotangents` per row (none for
+        the empirical Fisher)."""
+        layers = [(b.d_in, b.d_out, self.batch_size * self.positions[b.name]) for b in self.layers]
+        cotangents = 0 if self.kind == "empirical" else self.num_cotangents
+        flops = self.flops
+        return costmodel.network_step_cost(
+            layers, flops.update, flops.refresh, flops.solve, T_cov, T_inv, cotangents
+        )
+
     def rows(self, layer: LinearLayer) -> int:
         """Rows of ``layer``'s input statistics: NR (``"expand"``) or N (``"reduce"``)."""
         if self.approximation == "reduce":

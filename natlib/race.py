@@ -337,8 +337,7 @@ def step_cost(
     task: Task = Task(), approximation: str = "expand", T_inv: int = 10
 ) -> costmodel.StepCost:
     """Chapter 4's cost model of one K-FAC step on ``task`` (Monte-Carlo Fisher, factors every
-    step): :func:`natlib.costmodel.network_step_cost` with the layer shapes and the counts
-    (:attr:`natlib.kfac.KFACApproximation.flops`) of a K-FAC estimate on one batch of
+    step): :meth:`natlib.kfac.KFACApproximation.step_cost` of a K-FAC estimate on one batch of
     random characters."""
     model = task.model(0)
     generator = torch.Generator().manual_seed(0)
@@ -347,9 +346,7 @@ def step_cost(
         model, nn.CrossEntropyLoss(), X, X.flatten(), kind="mc", approximation=approximation,
         unsupported="gradient", generator=generator,
     )  # fmt: skip
-    flops = kfac.flops
-    layers = [(b.d_in, b.d_out, task.batch * kfac.positions[b.name]) for b in kfac.layers]
-    return costmodel.network_step_cost(layers, flops.update, flops.refresh, flops.solve, 1, T_inv)
+    return kfac.step_cost(1, T_inv)
 
 
 def write_record(record: Race, path: Path) -> None:

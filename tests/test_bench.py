@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from natlib import bench, curvature, problems, timing
+from natlib import bench, costmodel, curvature, problems, timing
 from natlib.__main__ import main
 
 RECORD = Path(__file__).parents[1] / "book" / "data" / "kfac_benchmark_cpu.json"
@@ -57,11 +57,17 @@ def test_kfac_benchmark_reports_every_configuration():
         ]
         assert sum(share.values()) == pytest.approx(1.0)
     assert set(result.factors_s) == set(bench.KFAC_KINDS)
+    # the FLOP model: more work at T_cov/T_inv 1/10 than 10/100; the sampled backward makes
+    # the Monte-Carlo Fisher cost more than the empirical one
+    flops = result.flop_ratio
+    assert list(flops) == keys and min(flops.values()) > 1.0
+    assert flops["mc 1/10"] > flops["mc 10/100"] and flops["mc 1/10"] > flops["empirical 1/10"]
     report = result.report()
     assert report.count("target <=") == len(bench.KFAC_SETTINGS)  # verdicts for MC only
     assert result.environment["threads"] == 1 and torch.get_num_threads() == threads_before
     assert result.environment["clock"] == "CPU time of the process"
     assert "1 thread, CPU time of the process" in report
+    assert report.count("FLOP model") == len(keys)
 
 
 def test_kfac_benchmark_on_two_threads_reads_the_wall_clock():
@@ -73,12 +79,17 @@ def test_the_recorded_kfac_run_still_loads():
     record = bench.KFACBenchmark(**json.loads(RECORD.read_text()))
     assert "K-FAC mc        T_cov/T_inv 10/100" in record.report()
     assert set(record.shares["mc 10/100"]) == set(bench.SHARE_LABELS.values())
+    for key, ratio in record.flop_ratio.items():  # the square-layer model, biases aside
+        kind, periods = key.split()
+        T_cov, T_inv = map(int, periods.split("/"))
+        square = costmodel.step_cost(512, record.batch, 4, T_cov, T_inv, kind=kind)
+        assert ratio == pytest.approx(square.overhead, rel=0.01)
 
 
 @pytest.mark.parametrize("name", ["curvature", "kfac"])
 def test_cli_passes_the_device(name, monkeypatch, capsys, tmp_path):
     asked = []
-    fake = bench.KFACBenchmark((4, 4), 2, "float32", 1, 1.0, {}, {}, {})
+    fake = bench.KFACBenchmark((4, 4), 2, "float32", 1, 1.0, {}, {}, {}, {})
     monkeypatch.setattr(
         bench, f"{name}_benchmark", lambda device=None, **_: asked.append(device) or fake
     )
@@ -86,7 +97,7 @@ def test_cli_passes_the_device(name, monkeypatch, capsys, tmp_path):
     main(["bench", name, "--device", "cpu", "--out", str(out)])
     assert asked == ["cpu"] and "K-FAC step / SGD step" in capsys.readouterr().out
     assert bench.KFACBenchmark(**json.loads(out.read_text())) == bench.KFACBenchmark(
-        [4, 4], 2, "float32", 1, 1.0, {}, {}, {}
+        [4, 4], 2, "float32", 1, 1.0, {}, {}, {}, {}
     )
 
 

@@ -135,6 +135,9 @@ def test_kfac_flops_are_the_step_cost_of_a_square_mlp(kind, mode):
     assert flops.update == cost.factors
     assert flops.refresh == cost.refresh
     assert flops.solve == cost.precondition
+    assert kfac.step_cost(T_cov=2, T_inv=5) == costmodel.step_cost(
+        width, batch, depth, T_cov=2, T_inv=5, kind=kind, damping_mode=mode
+    )
 
 
 @pytest.mark.parametrize("mode", ["pi", "exact"])
@@ -160,3 +163,5 @@ def test_network_step_cost_is_step_cost_for_square_layers() -> None:
     assert network == costmodel.step_cost(d, B, L, T_cov, T_inv)
     with pytest.raises(ValueError, match="T_inv"):
         costmodel.network_step_cost([(d, d, B)], update, refresh, solve, T_inv=0)
+    with pytest.raises(ValueError, match="cotangents must be an integer of at least 0"):
+        costmodel.network_step_cost([(d, d, B)], update, refresh, solve, cotangents=-1)
