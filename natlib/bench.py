@@ -8,12 +8,13 @@ they are compared with; the slow per-example references come from :mod:`natlib.r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 from natlib import curvature, language, problems, runtime, timing
+from natlib.factors import Approximation
 from natlib.kfac import KFACApproximation
 from natlib.optim import KFAC
 from natlib.reference import naive_fisher
@@ -268,7 +269,7 @@ def _kfac_benchmark(
 Architecture = Literal["cnn", "transformer"]
 ARCHITECTURE_BATCH = {"cnn": 256, "transformer": 8}
 ARCHITECTURE_PERIODS = (1, 10)  # (T_cov, T_inv)
-APPROXIMATIONS = ("expand", "reduce")
+APPROXIMATIONS = get_args(Approximation)
 
 
 @dataclass(frozen=True)
