@@ -6,58 +6,13 @@
 """
 
 import importlib
+import pkgutil
 
 from natlib.runtime import device, setup
 
-SUBMODULES = (
-    "adam",
-    "approximations",
-    "bench",
-    "bench_distributed",
-    "checks",
-    "coordinates",
-    "costmodel",
-    "curvature",
-    "distributed",
-    "ekfac",
-    "exact",
-    "factors",
-    "feasibility",
-    "fidelity",
-    "comparison",
-    "hessianfree",
-    "gradient",
-    "hessianfree",
-    "hooks",
-    "interface",
-    "invariance",
-    "kfac",
-    "kunstner",
-    "language",
-    "launch",
-    "layout",
-    "lbfgs",
-    "linalg",
-    "losses",
-    "newton",
-    "notebooks",
-    "optim",
-    "plotting",
-    "powerlaw",
-    "preconditioned",
-    "problems",
-    "race",
-    "reference",
-    "recording",
-    "reparam",
-    "runtime",
-    "scaling",
-    "secondorder",
-    "shampoo",
-    "sweeps",
-    "symbolic",
-    "timing",
-    "tuning",
+# Every module of the package but __main__, found on disk: a new module needs no entry here.
+SUBMODULES = tuple(
+    sorted(module.name for module in pkgutil.iter_modules(__path__) if module.name != "__main__")
 )
 
 __all__ = ["device", "setup", *SUBMODULES]
