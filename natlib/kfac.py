@@ -374,7 +374,7 @@ class KFACApproximation(RunningCurvature):
     def step_cost(self, T_cov: int = 1, T_inv: int = 1) -> costmodel.StepCost:
         """Chapter 4's FLOP model of one optimiser step with these factors
         (:func:`natlib.costmodel.network_step_cost`): every layer maps its :math:`NR` rows,
-        and the Fisher's extra backward pass carries :attr:`num_cotangents` per row (none for
+        and the Fisher's extra backward pass carries ``num_cotangents`` per row (none for
         the empirical Fisher)."""
         layers = [(b.d_in, b.d_out, self.batch_size * self.positions[b.name]) for b in self.layers]
         cotangents = 0 if self.kind == "empirical" else self.num_cotangents
