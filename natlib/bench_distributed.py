@@ -165,9 +165,7 @@ def read_record(path: Path) -> DistributedRecord:
     Raises:
         ValueError: if the file is not a record of this schema or misses a field.
     """
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not a {SCHEMA} record (schema {data.get('schema')!r}).")
+    data = timing.read_json(path, SCHEMA)
     try:
         rows = [WidthTimes(**row) for row in data.pop("widths")]
         return DistributedRecord(widths=rows, **data)

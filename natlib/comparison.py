@@ -355,7 +355,7 @@ def compare_optimizers(
     with runtime.threads(1):  # CPU seconds of one thread, reproducible bit for bit
         runs = _runs(task, grids, sizes, steps, seeds, data, dtype, device)
         where = environment(torch.device(device))
-        left_out = _left_out(task, data, dtype, device) if methods is None else task.left_out
+        left_out = _left_out(task, data, dtype, device, seeds) if methods is None else task.left_out
     return Comparison(
         problem=problem,
         sizes=sizes,
@@ -417,19 +417,23 @@ def network(kind: Network, sizes: Sequence[int], seed: int, dtype: torch.dtype) 
         return problems.digits_cnn(tuple(sizes), seed=seed).to(dtype)
 
 
-def _left_out(task: Task, data: problems.Problem, dtype: torch.dtype, device) -> dict[str, str]:
-    """Each method the task leaves out, with its reason and the CPU seconds of one step (from
-    seed 0 and the middle of a five-point grid), and what its grid would have cost."""
+def _left_out(
+    task: Task, data: problems.Problem, dtype: torch.dtype, device, seeds: int
+) -> dict[str, str]:
+    """Each method the task leaves out, with its reason, the CPU seconds of one step (seed 0;
+    the learning rate does not change the cost) and what a grid as long as the task's other
+    grids, over ``seeds`` seeds, would have cost."""
+    rates = len(next(iter(task.grids.values())))
     reasons = {}
     for method, why in task.left_out.items():
         model = network(task.network, task.sizes, 0, dtype).to(device)
         optimizer = METHODS[method](model, data.loss_fn, 0.3, 0, task.kinds.get(method, "exact"))
         trace = optim.train(model, optimizer, data.loss_fn, data.X_train, data.y_train, 1,
                             task.batch_size, clock=time.process_time)  # fmt: skip
-        hours = trace.seconds[-1] * task.steps * 5 * 5 / 3600
+        hours = trace.seconds[-1] * task.steps * rates * seeds / 3600
         reasons[method] = (
-            f"{why}; one step took {trace.seconds[-1]:.1f} CPU s here, so its grid of 5 "
-            f"learning rates and 5 seeds would take about {hours:.0f} CPU hours"
+            f"{why}; one step took {trace.seconds[-1]:.1f} CPU s here, so its grid of {rates} "
+            f"learning rates and {seeds} seeds would take about {hours:.0f} CPU hours"
         )
     return reasons
 

@@ -20,7 +20,6 @@ Memory is counted, not measured (the CPU has no allocator statistics): see :func
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -231,9 +230,7 @@ def read_record(path: Path) -> NewtonRecord:
     Raises:
         ValueError: if it is not a record of this schema.
     """
-    data = json.loads(Path(path).read_text())
-    if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not a {SCHEMA} record (schema {data.get('schema')!r}).")
+    data = timing.read_json(path, SCHEMA)
     data["dense"] = [DenseRow(**r) for r in data["dense"]]
     data["matrix_free"] = [MatrixFreeRow(**r) for r in data["matrix_free"]]
     return NewtonRecord(**data)

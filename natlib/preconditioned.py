@@ -399,8 +399,8 @@ def train_lbfgs(
     target: float | None = None,
 ) -> Trace:
     """``steps`` iterations of ``torch.optim.LBFGS`` (build it with ``max_iter=1``) on the full
-    batch, recorded as :func:`train` records a run. Stops at a non-finite
-    loss, or at the first evaluation at most ``target`` (if given)."""
+    batch, recorded as :func:`train` records a run. Stops at a non-finite loss, or at the
+    first evaluation at most ``target`` (if given)."""
 
     def closure() -> Tensor:
         optimizer.zero_grad()

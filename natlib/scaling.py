@@ -12,7 +12,6 @@ of the cost model, ``ONCE`` of the timing harness, and ``geometric_widths``, ``f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,9 +429,7 @@ def read_record(path: Path) -> ScalingRecord:
     Raises:
         ValueError: if the file is not a scaling record of this schema or misses a field.
     """
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not a {SCHEMA} record (schema {data.get('schema')!r}).")
+    data = timing.read_json(path, SCHEMA)
     try:
         return ScalingRecord(
             environment=data["environment"],

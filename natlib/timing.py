@@ -137,16 +137,15 @@ def environment(device: torch.device) -> dict[str, object]:
     }
 
 
-def read_json(path: Path, schema: str, legacy: bool = False) -> dict[str, Any]:
-    """The JSON object of a record file whose ``"schema"`` field is ``schema``; ``legacy``
-    also accepts a record without the field (written before it existed).
+def read_json(path: Path, schema: str) -> dict[str, Any]:
+    """The JSON object of a record file whose ``"schema"`` field is ``schema``.
 
     Raises:
         ValueError: if the file is not a JSON object or holds another schema.
     """
     data = json.loads(Path(path).read_text())
     found = data.get("schema") if isinstance(data, dict) else None
-    if found != schema and not (legacy and isinstance(data, dict) and "schema" not in data):
+    if found != schema:
         raise ValueError(f"{path} is not a {schema} record (schema {found!r}).")
     return data
 
